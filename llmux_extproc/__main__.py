@@ -1,0 +1,3 @@
+from llmux_extproc.cli import main
+
+main()

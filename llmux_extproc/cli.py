@@ -1,0 +1,78 @@
+"""The `llmux` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from llmux_extproc.config import ConfigError, load_config
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="llmux", description="LLMux LLM gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_run = sub.add_parser("run", help="start the gateway: ext_proc workers and Envoy")
+    p_run.add_argument("--config", help="config file (default: the embedded mock config)")
+
+    p_check = sub.add_parser("check-config", help="validate a config file")
+    p_check.add_argument("config")
+
+    p_envoy = sub.add_parser(
+        "envoy-config", help="print the Envoy configuration generated from a config"
+    )
+    p_envoy.add_argument("config", nargs="?")
+    p_envoy.add_argument("--runtime-dir", default="/run/llmux", help="where sockets would live")
+
+    p_ext = sub.add_parser(
+        "extproc", help="run one ext_proc server (sidecar use, or under llmux run)"
+    )
+    p_ext.add_argument("--config")
+    p_ext.add_argument("--listen", required=True, help="unix:/path or host:port")
+    p_ext.add_argument("--watch", action="store_true", help="reload when the config file changes")
+
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        sys.exit(_dispatch(args))
+    except ConfigError as exc:
+        print(f"llmux: invalid config: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from llmux_extproc.supervisor import run
+
+        return run(args.config)
+    if args.command == "check-config":
+        config = load_config(args.config)
+        for warning in config.warnings:
+            print(f"warning: {warning}")
+        print(f"ok: {len(config.deployments)} deployments, models: {', '.join(config.model_names)}")
+        return 0
+    if args.command == "envoy-config":
+        from llmux_extproc.envoy_config import RuntimePaths, bootstrap
+
+        config = load_config(args.config)
+        doc = bootstrap(config, RuntimePaths(Path(args.runtime_dir)), static_clusters=True)
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+        return 0
+    if args.command == "extproc":
+        from llmux_extproc.server import run_worker
+
+        run_worker(args.config, args.listen, watch=args.watch)
+        return 0
+    raise AssertionError(args.command)

@@ -1,0 +1,268 @@
+"""What LLMux does with one API request, as plain Python: no gRPC, no Envoy.
+
+`Gateway.on_headers` authenticates and answers what needs no body (model list, errors);
+`Gateway.on_body` turns the request body into either an immediate answer (error, mock
+completion) or a `Forward` (cluster, path, headers, body for the
+chosen deployment). `Gateway.handle_response` turns the provider's answer into the client's,
+and accounts tokens, cost and metrics. The ext_proc layer only carries these in and out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from llmux_extproc import metrics, pricing
+from llmux_extproc.auth import authenticate
+from llmux_extproc.config import PRICE_KEYS, Config, Deployment
+from llmux_extproc.errors import GatewayError, bad_request, error_type
+from llmux_extproc.providers.base import Adapter, ClientRequest, UpstreamRequest
+from llmux_extproc.providers.mock import MockAdapter
+from llmux_extproc.providers.registry import adapter_for
+from llmux_extproc.router import Router
+from llmux_extproc.usage import Usage
+
+log = logging.getLogger("llmux.gateway")
+
+OPERATIONS = {
+    "/v1/chat/completions": "chat",
+    "/chat/completions": "chat",
+    "/v1/embeddings": "embeddings",
+    "/embeddings": "embeddings",
+}
+MODEL_LIST_PATHS = {"/v1/models", "/models"}
+# Client headers that carry the client's own key: never forwarded to a provider.
+CLIENT_AUTH_HEADERS = ("authorization", "api-key", "x-api-key")
+TEAM = "default"  # until virtual keys bring teams
+VALID_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+
+
+@dataclass(slots=True)
+class Immediate:
+    """An answer LLMux gives without calling a provider."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    log: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the response phase needs to know about its request."""
+
+    req: ClientRequest
+    dep: Deployment
+    adapter: Adapter
+    price: pricing.ModelPrice | None
+    started: float
+
+
+@dataclass(slots=True)
+class Forward:
+    cluster: str
+    authority: str
+    upstream: UpstreamRequest
+    exchange: Exchange
+    remove_headers: tuple[str, ...] = CLIENT_AUTH_HEADERS
+
+
+@dataclass(slots=True)
+class ResponseAction:
+    status: int
+    body: bytes | None  # None: forward the provider's body unchanged
+    headers: dict[str, str]
+    log: dict[str, Any]
+
+
+class State:
+    """Everything derived from one config, built once per (re)load, swapped atomically."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.router = Router(config)
+        self.prices = {d.id: _price_for(d) for d in config.deployments}
+        self.known_models = set(config.model_names)
+        created = int(time.time())
+        self.model_list = orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": created, "owned_by": "llmux"}
+                    for name in config.model_names
+                ],
+            }
+        )
+
+
+def _price_for(dep: Deployment) -> pricing.ModelPrice | None:
+    price = pricing.lookup(dep.model, dep.provider)
+    if PRICE_KEYS & dep.params.keys():  # per-deployment prices, as in LiteLLM
+        price = (price or pricing.ModelPrice.from_entry({})).with_overrides(dep.params)
+    return price
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.state = State(config)
+
+    def reload(self, config: Config) -> None:
+        # One assignment: a request sees the old state or the new one, never a mix.
+        self.state = State(config)
+
+    # -- request phase -------------------------------------------------------------
+
+    def on_headers(self, method: str, path: str, headers: Mapping[str, str]) -> Immediate | None:
+        """Request headers: authenticate and answer what needs no body; None reads the body."""
+        state = self.state
+        try:
+            authenticate(headers, state.config.master_key)
+        except GatewayError as err:
+            return _error(err)
+        path = path.partition("?")[0]
+        if method == "GET" and path in MODEL_LIST_PATHS:
+            return Immediate(200, state.model_list)
+        if path not in OPERATIONS:
+            return _error(GatewayError(404, f"Unknown path {path!r}"))
+        return None
+
+    def on_body(self, path: str, body: bytes) -> Immediate | Forward:
+        """The buffered request body of an authenticated request: choose and translate."""
+        state = self.state
+        try:
+            req = parse_request(OPERATIONS[path.partition("?")[0]], body)
+            if req.model not in state.known_models:
+                raise GatewayError(
+                    404,
+                    f"The model {req.model!r} does not exist. "
+                    f"Available: {', '.join(sorted(state.known_models))}",
+                    param="model",
+                    code="model_not_found",
+                )
+            dep = state.router.pick(req.model)
+            adapter = adapter_for(dep.spec)
+            if isinstance(adapter, MockAdapter):
+                return self._mock(req, dep, adapter, state)
+            upstream = adapter.request(req, dep)
+        except GatewayError as err:
+            return _error(err)
+        assert dep.upstream is not None
+        return Forward(
+            cluster=dep.upstream.cluster,
+            authority=dep.upstream.authority,
+            upstream=upstream,
+            exchange=Exchange(req, dep, adapter, state.prices.get(dep.id), time.monotonic()),
+        )
+
+    def _mock(
+        self, req: ClientRequest, dep: Deployment, adapter: MockAdapter, state: State
+    ) -> Immediate:
+        started = time.monotonic()
+        body, usage = adapter.answer(req, dep)
+        exchange = Exchange(req, dep, adapter, state.prices.get(dep.id), started)
+        action = self._account(exchange, 200, usage, None)
+        return Immediate(200, body, action.headers, action.log)
+
+    # -- response phase ------------------------------------------------------------
+
+    def handle_response(self, exchange: Exchange, status: int, body: bytes) -> ResponseAction:
+        dep = exchange.dep
+        if status >= 400:
+            err = exchange.adapter.error(status, body, dep)
+            metrics.UPSTREAM_ERRORS.labels(err.type).inc()
+            return self._account(exchange, err.status, None, err)
+        try:
+            result = exchange.adapter.response(body, exchange.req, dep)
+        except GatewayError as err:
+            metrics.UPSTREAM_ERRORS.labels(err.type).inc()
+            return self._account(exchange, err.status, None, err)
+        return self._account(exchange, status, result.usage, None, result.body)
+
+    def _account(
+        self,
+        ex: Exchange,
+        status: int,
+        usage: Usage | None,
+        err: GatewayError | None,
+        body: bytes | None = None,
+    ) -> ResponseAction:
+        dep = ex.dep
+        model = dep.model_name
+        metrics.REQUESTS.labels(model, dep.provider, str(status)).inc()
+        metrics.LATENCY.labels(dep.provider, model).observe(time.monotonic() - ex.started)
+        headers: dict[str, str] = {"x-litellm-model-id": dep.id}
+        log: dict[str, Any] = {"model": model, "deployment": dep.id, "provider": dep.provider}
+        if err is not None:
+            log["error"] = err.type
+            return ResponseAction(err.status, err.body(), headers, log)
+        if usage is not None:
+            _count_tokens(model, usage)
+            log["prompt_tokens"] = usage.prompt_tokens
+            log["completion_tokens"] = usage.completion_tokens
+            if ex.price is not None:
+                cost = pricing.cost(ex.price, usage)
+                metrics.SPEND.labels(TEAM, model).inc(cost)
+                headers["x-llmux-response-cost"] = headers["x-litellm-response-cost"] = repr(cost)
+                log["cost"] = cost
+        return ResponseAction(status, body, headers, log)
+
+
+def _count_tokens(model: str, usage: Usage) -> None:
+    counter = metrics.TOKENS
+    counter.labels(TEAM, model, "input").inc(usage.prompt_tokens)
+    counter.labels(TEAM, model, "output").inc(usage.completion_tokens)
+    if usage.cached_tokens:
+        counter.labels(TEAM, model, "cached_input").inc(usage.cached_tokens)
+    if usage.cache_write_tokens:
+        counter.labels(TEAM, model, "cache_write").inc(usage.cache_write_tokens)
+    if usage.reasoning_tokens:
+        counter.labels(TEAM, model, "reasoning").inc(usage.reasoning_tokens)
+
+
+def _error(err: GatewayError) -> Immediate:
+    return Immediate(err.status, err.body(), log={"error": err.type})
+
+
+def parse_request(operation: str, raw: bytes) -> ClientRequest:
+    """Parse and check the fields LLMux itself relies on; providers check the rest."""
+    if not raw:
+        raise bad_request("Request body is empty; expected a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise bad_request("Request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required and must be a string.", "model")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean.", "stream")
+    if operation == "chat":
+        _check_messages(body.get("messages"))
+    elif "input" not in body or body["input"] in (None, "", []):
+        raise bad_request("'input' is required.", "input")
+    return ClientRequest(operation, body, raw, model, bool(stream))
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' is required and must be a non-empty array.", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{i}] must be an object.", f"messages[{i}]")
+        role = message.get("role")
+        if role not in VALID_ROLES:
+            raise bad_request(
+                f"messages[{i}].role must be one of {sorted(VALID_ROLES)}, got {role!r}.",
+                f"messages[{i}].role",
+            )
+
+
+__all__ = ["Exchange", "Forward", "Gateway", "Immediate", "ResponseAction", "error_type"]

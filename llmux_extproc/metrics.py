@@ -1,0 +1,41 @@
+"""Prometheus metrics, named as the issue and LiteLLM users expect.
+
+Label values are bounded: model labels come from the config (unknown names become
+"unknown"), statuses are HTTP codes, error types a fixed set. With several processor
+workers, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by `llmux
+run`) lets one endpoint report the sum.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+REQUESTS = Counter(
+    "llm_requests", "LLM API requests answered", ["model", "provider", "status_code"]
+)
+LATENCY = Histogram(
+    "llm_request_latency_seconds",
+    "Time from the request body reaching LLMux to the response body",
+    ["provider", "model"],
+    buckets=LATENCY_BUCKETS,
+)
+TOKENS = Counter("llm_token_usage", "Tokens accounted", ["team", "model", "type"])
+SPEND = Counter("llm_spend", "Cost in USD from the model price table", ["team", "model"])
+UPSTREAM_ERRORS = Counter("llm_upstream_error", "Failed upstream answers", ["error_type"])
+CONFIG_RELOADS = Counter("llmux_config_reloads", "Config reload attempts", ["result"])
+
+
+def serve(host: str, port: int) -> None:
+    """Serve /metrics in a background thread (all workers' figures in multiprocess mode)."""
+    registry = None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    if registry is None:
+        start_http_server(port, addr=host)
+    else:
+        start_http_server(port, addr=host, registry=registry)

@@ -1,0 +1,82 @@
+"""The one interface every provider adapter implements.
+
+An adapter is pure: it turns an OpenAI-shaped request into what its provider expects
+(path, headers, body) and the provider's answer back into OpenAI's shape. It does no I/O;
+Envoy moves the bytes. Keeping it pure lets the same adapter run wherever the request is
+processed (today the downstream ext_proc filter, per attempt in an upstream filter later).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llmux_extproc.errors import GatewayError
+from llmux_extproc.usage import Usage
+
+if TYPE_CHECKING:
+    from llmux_extproc.config import Deployment
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    """What the client sent, parsed once."""
+
+    operation: str  # "chat" or "embeddings"
+    body: dict[str, Any]
+    raw: bytes
+    model: str
+    stream: bool = False
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None  # None: the client's body is forwarded untouched
+
+
+@dataclass(slots=True)
+class UpstreamResult:
+    usage: Usage
+    body: bytes | None = None  # None: the provider's body is already OpenAI's shape
+
+
+class Adapter:
+    """Base adapter: operations a provider lacks answer 400, naming the operation."""
+
+    name = "base"
+
+    def request(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
+        raise GatewayError(
+            400, f"{req.operation} is not supported by provider {dep.provider!r}", param="model"
+        )
+
+    def response(self, body: bytes, req: ClientRequest, dep: Deployment) -> UpstreamResult:
+        raise NotImplementedError
+
+    def error(self, status: int, body: bytes, dep: Deployment) -> GatewayError:
+        """Map a provider's error answer to the OpenAI error the client gets."""
+        return GatewayError(status, extract_message(body) or f"upstream returned HTTP {status}")
+
+
+def extract_message(body: bytes) -> str | None:
+    """The human message in the error bodies providers and OpenAI-compatible servers send."""
+    import orjson
+
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace").strip()
+        return text[:1000] or None
+    if isinstance(data, list) and data:
+        data = data[0]  # Gemini wraps errors in a one-element list on some endpoints
+    if not isinstance(data, dict):
+        return None
+    err = data.get("error")
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return str(err["message"])
+    for candidate in (err, data.get("message"), data.get("detail"), data.get("Message")):
+        if isinstance(candidate, str):
+            return candidate
+    return None

@@ -1,0 +1,105 @@
+"""One ext_proc worker process: a grpc.aio server on uvloop, with config reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import grpc
+import uvloop
+from envoy.service.ext_proc.v3.external_processor_pb2_grpc import (
+    add_ExternalProcessorServicer_to_server,
+)
+
+from llmux_extproc import metrics, tokens
+from llmux_extproc.config import Config, ConfigError, load_config
+from llmux_extproc.extproc import Processor
+from llmux_extproc.gateway import Gateway
+
+log = logging.getLogger("llmux.worker")
+
+
+class Reloader:
+    """Re-reads the config file; a broken file keeps the old config and says why."""
+
+    def __init__(self, path: str | None, gateway: Gateway) -> None:
+        self.path = path
+        self.gateway = gateway
+        self._stamp = _stamp(path)
+
+    def changed(self) -> bool:
+        return _stamp(self.path) != self._stamp
+
+    def reload(self) -> bool:
+        self._stamp = _stamp(self.path)
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            metrics.CONFIG_RELOADS.labels("error").inc()
+            log.error("config reload rejected, keeping the running config: %s", exc)
+            return False
+        self.gateway.reload(config)
+        metrics.CONFIG_RELOADS.labels("success").inc()
+        log.info("config reloaded: %d deployments", len(config.deployments))
+        return True
+
+
+def _stamp(path: str | None) -> tuple[float, int] | None:
+    if path is None:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size)
+
+
+def grpc_options(config: Config) -> list[tuple[str, int]]:
+    limit = max(config.settings.max_request_body_bytes, config.settings.max_response_body_bytes)
+    return [
+        ("grpc.max_receive_message_length", limit + 65536),
+        ("grpc.max_send_message_length", limit + 65536),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
+    config = load_config(config_path)
+    gateway = Gateway(config)
+    reloader = Reloader(config_path, gateway)
+    server = grpc.aio.server(options=grpc_options(config))
+    add_ExternalProcessorServicer_to_server(Processor(gateway), server)
+    server.add_insecure_port(address)
+    await server.start()
+    # Tokenizer files take a moment to load; do it off the event loop before traffic needs it.
+    threading.Thread(target=tokens.warm_up, name="tokens-warm-up", daemon=True).start()
+    log.info("ext_proc worker %d serving on %s", os.getpid(), address)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    async def watch_file() -> None:
+        while True:
+            await asyncio.sleep(config.settings.reload_poll_s)
+            if reloader.changed():
+                reloader.reload()
+
+    watcher = asyncio.create_task(watch_file()) if watch and config_path else None
+    await stop.wait()
+    if watcher:
+        watcher.cancel()
+    # Let in-flight exchanges finish: Envoy drains before the supervisor stops us.
+    await server.stop(grace=5)
+
+
+def run_worker(config_path: str | None, address: str, *, watch: bool) -> None:
+    if address.startswith("unix:"):
+        Path(address[5:]).unlink(missing_ok=True)  # a stale socket from a killed worker
+    uvloop.run(serve(config_path, address, watch=watch))
