@@ -62,6 +62,7 @@ class Deployment:
     timeout_s: float | None
     params: dict[str, Any]  # remaining litellm_params, for adapters (api_version, region, ...)
     model_info: dict[str, Any]
+    drop_params: bool = False  # drop what the provider cannot honour instead of answering 400
 
     @property
     def spec(self) -> ProviderSpec:
@@ -200,7 +201,10 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     model_list = raw.get("model_list") or []
     if not isinstance(model_list, list):
         raise ConfigError("model_list: must be a list")
-    deployments = tuple(_parse_deployment(i, item, env) for i, item in enumerate(model_list))
+    drop_params = bool(litellm.get("drop_params", False))
+    deployments = tuple(
+        _parse_deployment(i, item, env, drop_params) for i, item in enumerate(model_list)
+    )
     ids = [d.id for d in deployments]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
@@ -212,12 +216,12 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         master_key=master_key,
         routing_strategy=strategy,
         num_retries=num_retries,
-        drop_params=bool(litellm.get("drop_params", False)),
+        drop_params=drop_params,
         warnings=tuple(warnings),
     )
 
 
-def _parse_deployment(index: int, item: Any, env: dict[str, str]) -> Deployment:
+def _parse_deployment(index: int, item: Any, env: dict[str, str], drop_params: bool) -> Deployment:
     where = f"model_list[{index}]"
     item = _mapping(item, where)
     model_name = _str(item.get("model_name"), f"{where}.model_name")
@@ -236,6 +240,8 @@ def _parse_deployment(index: int, item: Any, env: dict[str, str]) -> Deployment:
         )
 
     api_base = params.pop("api_base", None) or spec.default_api_base
+    if not api_base and spec.derive_api_base:
+        api_base = spec.derive_api_base(params, env)
     upstream = None
     if spec.needs_upstream:
         if not api_base:
@@ -263,6 +269,7 @@ def _parse_deployment(index: int, item: Any, env: dict[str, str]) -> Deployment:
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{where}.litellm_params.{key}: must be a non-negative number")
 
+    dep_drop_params = bool(params.pop("drop_params", drop_params))
     dep_id = model_info.get("id")
     if dep_id is None:
         # Stable across reloads, so metrics and logs keep one name per deployment.
@@ -281,6 +288,7 @@ def _parse_deployment(index: int, item: Any, env: dict[str, str]) -> Deployment:
         timeout_s=float(timeout) if timeout is not None else None,
         params=params,
         model_info=model_info,
+        drop_params=dep_drop_params,
     )
 
 

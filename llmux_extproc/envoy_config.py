@@ -220,7 +220,7 @@ def _extproc_filter(config: Config) -> dict[str, Any]:
             "message_timeout": "10s",
             "allow_mode_override": True,
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
-            "mutation_rules": {"allow_all_routing": True},
+            "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
             "failure_mode_allow": False,
         },
     }

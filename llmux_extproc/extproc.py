@@ -78,6 +78,9 @@ def forward(fwd: Forward) -> pb.ProcessingResponse:
         ":authority": fwd.authority,
         **up.headers,
     }
+    if fwd.timeout_ms:
+        # Read by Envoy's router; clients cannot set it (Envoy strips it from edge requests).
+        headers["x-envoy-upstream-rq-timeout-ms"] = str(fwd.timeout_ms)
     body_mutation = None
     if up.body is not None:
         headers["content-length"] = str(len(up.body))
@@ -126,7 +129,7 @@ class Processor(ExternalProcessorServicer):  # type: ignore[misc]
         try:
             async for msg in request_iterator:
                 try:
-                    reply, exchange = self._handle(msg, exchange, headers)
+                    reply, exchange = await self._handle(msg, exchange, headers)
                 except Exception:
                     log.exception("processing failed")
                     reply = immediate(_internal_error())
@@ -134,7 +137,7 @@ class Processor(ExternalProcessorServicer):  # type: ignore[misc]
         finally:
             self.open_streams -= 1
 
-    def _handle(
+    async def _handle(
         self, msg: pb.ProcessingRequest, exchange: Exchange | None, headers: dict[str, str]
     ) -> tuple[pb.ProcessingResponse, Exchange | None]:
         kind = msg.WhichOneof("request")
@@ -144,14 +147,14 @@ class Processor(ExternalProcessorServicer):  # type: ignore[misc]
             answer = self.gateway.on_headers(headers.get(":method", ""), path, headers)
             if answer is None and msg.request_headers.end_of_stream:
                 # No body will follow (an empty POST): the body phase would never run.
-                decision = self.gateway.on_body(path, b"")
+                decision = await self.gateway.on_body(path, b"")
                 if isinstance(decision, Immediate):
                     return immediate(decision), None
             elif answer is not None:
                 return immediate(answer), None
             return _HEADERS_CONTINUE, exchange
         if kind == "request_body":
-            decision = self.gateway.on_body(headers.get(":path", ""), msg.request_body.body)
+            decision = await self.gateway.on_body(headers.get(":path", ""), msg.request_body.body)
             if isinstance(decision, Immediate):
                 return immediate(decision), None
             return forward(decision), decision.exchange

@@ -69,6 +69,7 @@ class Forward:
     authority: str
     upstream: UpstreamRequest
     exchange: Exchange
+    timeout_ms: int | None = None
     remove_headers: tuple[str, ...] = CLIENT_AUTH_HEADERS
 
 
@@ -131,7 +132,7 @@ class Gateway:
             return _error(GatewayError(404, f"Unknown path {path!r}"))
         return None
 
-    def on_body(self, path: str, body: bytes) -> Immediate | Forward:
+    async def on_body(self, path: str, body: bytes) -> Immediate | Forward:
         """The buffered request body of an authenticated request: choose and translate."""
         state = self.state
         try:
@@ -148,6 +149,8 @@ class Gateway:
             adapter = adapter_for(dep.spec)
             if isinstance(adapter, MockAdapter):
                 return self._mock(req, dep, adapter, state)
+            if not adapter.ready(dep):
+                await adapter.prepare(dep)
             upstream = adapter.request(req, dep)
         except GatewayError as err:
             return _error(err)
@@ -157,6 +160,7 @@ class Gateway:
             authority=dep.upstream.authority,
             upstream=upstream,
             exchange=Exchange(req, dep, adapter, state.prices.get(dep.id), time.monotonic()),
+            timeout_ms=int(dep.timeout_s * 1000) if dep.timeout_s else None,
         )
 
     def _mock(

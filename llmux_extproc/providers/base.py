@@ -42,10 +42,40 @@ class UpstreamResult:
     body: bytes | None = None  # None: the provider's body is already OpenAI's shape
 
 
+class StreamTranslator:
+    """Turns one provider stream into OpenAI server-sent events, chunk by chunk.
+
+    Upstream chunks may split anywhere (mid-event, mid-line, mid-UTF-8 character,
+    mid-binary-frame): `feed` keeps what it cannot translate yet. `usage` holds the
+    provider's counts as they arrive.
+    """
+
+    usage: Usage
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Upstream bytes in, OpenAI SSE bytes out (possibly empty)."""
+        raise NotImplementedError
+
+    def finish(self) -> bytes:
+        """End of the upstream stream: whatever is left (final chunks, `data: [DONE]`)."""
+        raise NotImplementedError
+
+
 class Adapter:
     """Base adapter: operations a provider lacks answer 400, naming the operation."""
 
     name = "base"
+
+    def ready(self, dep: Deployment) -> bool:
+        """Cheap check, on every request: can `request` sign/authorize right now?"""
+        return True
+
+    async def prepare(self, dep: Deployment) -> None:
+        """Fetch or refresh credentials (OAuth tokens); called when `ready` is False."""
+
+    def stream(self, req: ClientRequest, dep: Deployment) -> StreamTranslator | None:
+        """A translator for a streamed response; None when the stream is already OpenAI's."""
+        return None
 
     def request(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
         raise GatewayError(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from llmux_extproc.providers.base import Adapter
@@ -16,6 +18,25 @@ class ProviderSpec:
     default_api_base: str | None = None
     api_key_env: str | None = None  # read when litellm_params.api_key is absent, as LiteLLM does
     needs_upstream: bool = True
+    # Providers whose host depends on other params (region, location) derive it from them.
+    derive_api_base: Callable[[Mapping[str, Any], Mapping[str, str]], str | None] | None = None
+
+
+def _vertex_base(params: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+    location = params.get("vertex_location") or env.get("VERTEXAI_LOCATION") or "us-central1"
+    if location == "global":
+        return "https://aiplatform.googleapis.com"
+    return f"https://{location}-aiplatform.googleapis.com"
+
+
+def _bedrock_base(params: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+    region = (
+        params.get("aws_region_name")
+        or env.get("AWS_REGION")
+        or env.get("AWS_DEFAULT_REGION")
+        or env.get("AWS_REGION_NAME")
+    )
+    return f"https://bedrock-runtime.{region}.amazonaws.com" if region else None
 
 
 def _compatible(name: str, base: str | None, key_env: str | None = None) -> ProviderSpec:
@@ -27,6 +48,13 @@ PROVIDERS: dict[str, ProviderSpec] = {
     for spec in (
         ProviderSpec("mock", "mock", needs_upstream=False),
         ProviderSpec("openai", "openai", "https://api.openai.com/v1", "OPENAI_API_KEY"),
+        ProviderSpec("anthropic", "anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY"),
+        ProviderSpec(
+            "gemini", "gemini", "https://generativelanguage.googleapis.com", "GEMINI_API_KEY"
+        ),
+        ProviderSpec("vertex_ai", "vertex", derive_api_base=_vertex_base),
+        ProviderSpec("azure", "azure", None, "AZURE_API_KEY"),
+        ProviderSpec("bedrock", "bedrock", derive_api_base=_bedrock_base),
         # OpenAI-compatible servers: same wire format, another base URL and key.
         _compatible("openai_compatible", None),
         _compatible("hosted_vllm", None),
@@ -55,7 +83,6 @@ def adapter_for(spec: ProviderSpec) -> Adapter:
 
 
 def _load_adapters() -> dict[str, Adapter]:
-    import importlib
 
     names = {spec.adapter for spec in PROVIDERS.values()}
     return {
