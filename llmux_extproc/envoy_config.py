@@ -27,7 +27,6 @@ METRICS_CLUSTER = "llmux_metrics"
 ROUTE_HEADER = "x-llmux-cluster"
 # Dynamic metadata namespace the processor writes (per-request log fields, reply marks).
 METADATA_NAMESPACE = "llmux"
-RESPONSE_ATTRIBUTES = ["response.code"]
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 _TYPE = "@type"
@@ -211,12 +210,13 @@ def _extproc_filter(config: Config) -> dict[str, Any]:
                 # cluster from them. Only SEND holds them (SKIP lets them reach the router).
                 "request_header_mode": "SEND",
                 "request_body_mode": "BUFFERED",
-                "response_header_mode": "SKIP",
+                # Likewise the response headers: held so the status, length and cost headers
+                # can still change once the body is translated and accounted.
+                "response_header_mode": "SEND",
                 "response_body_mode": "BUFFERED",
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SKIP",
             },
-            "response_attributes": RESPONSE_ATTRIBUTES,
             "message_timeout": "10s",
             "allow_mode_override": True,
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
@@ -246,7 +246,15 @@ def _routes(config: Config) -> list[dict[str, Any]]:
     }
     disabled = {"typed_per_filter_config": _per_route_extproc(disabled=True)}
     json_ct = [{"header": {"key": "content-type", "value": "application/json"}}]
-    routes: list[dict[str, Any]] = []
+    routes: list[dict[str, Any]] = [
+        {
+            # Once the processor has chosen a cluster, the rewritten :path (a provider's
+            # own, e.g. /v1/messages) must still route there.
+            "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "present_match": True}]},
+            "route": llm_action,
+            "request_headers_to_remove": [ROUTE_HEADER],
+        }
+    ]
     for path in ("/v1/chat/completions", "/chat/completions", "/v1/embeddings", "/embeddings"):
         routes.append(
             {
@@ -255,7 +263,6 @@ def _routes(config: Config) -> list[dict[str, Any]]:
                     "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
                 },
                 "route": llm_action,
-                "request_body_buffer_limit": s.max_request_body_bytes,
             }
         )
     for path in ("/v1/models", "/models"):
@@ -416,6 +423,8 @@ def bootstrap(
         # Non-streamed completions can be silent for minutes; the route timeout bounds them.
         "stream_idle_timeout": _duration(s.request_timeout_s),
         "use_remote_address": True,
+        # Clients can quote it to operators; the access log carries the same id.
+        "always_set_request_id_in_response": True,
         "access_log": _access_log(config),
         "local_reply_config": _local_reply_config(),
         "http_filters": [
@@ -444,7 +453,11 @@ def bootstrap(
     listener = {
         "name": "llmux",
         "address": address(s.listen),
-        "per_connection_buffer_limit_bytes": 1024 * 1024,
+        # Bounds what Envoy buffers per request and response; the processor enforces the
+        # exact request limit itself.
+        "per_connection_buffer_limit_bytes": max(
+            s.max_request_body_bytes, s.max_response_body_bytes
+        ),
         "filter_chains": [
             {
                 "filters": [

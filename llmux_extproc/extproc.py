@@ -2,10 +2,10 @@
 
 This is the only module that knows the gRPC message shapes; decisions come from
 `gateway.Gateway`. One gRPC stream is one HTTP request. With the processing mode Envoy is
-configured with (see envoy_config), a proxied request costs three messages: the request
+configured with (see envoy_config), a proxied request costs four messages: the request
 headers (authentication; Envoy holds them until the body is done), the buffered request
-body (routing and translation) and the buffered response body (with the status code as an
-attribute: usage, cost, translation).
+body (routing and translation), the response headers (status) and the buffered response
+body (usage, cost, translation; header changes still apply as Envoy holds the headers).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
-from llmux_extproc.envoy_config import EXTPROC_FILTER, METADATA_NAMESPACE, ROUTE_HEADER
+from llmux_extproc.envoy_config import METADATA_NAMESPACE, ROUTE_HEADER
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.gateway import Exchange, Forward, Gateway, Immediate
 
@@ -30,7 +30,6 @@ log = logging.getLogger("llmux.extproc")
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # Streamed responses are passed through untouched until streaming translation lands.
 _PASSTHROUGH_RESPONSE = ProcessingMode(
-    request_header_mode=ProcessingMode.SKIP,
     response_header_mode=ProcessingMode.SKIP,
     response_body_mode=ProcessingMode.NONE,
     response_trailer_mode=ProcessingMode.SKIP,
@@ -38,6 +37,7 @@ _PASSTHROUGH_RESPONSE = ProcessingMode(
 
 
 _HEADERS_CONTINUE = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_RESPONSE_HEADERS_CONTINUE = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 
 
 def _set_headers(headers: Mapping[str, str]) -> list[HeaderValueOption]:
@@ -102,13 +102,6 @@ def forward(fwd: Forward) -> pb.ProcessingResponse:
     return response
 
 
-def _status(msg: pb.ProcessingRequest) -> int:
-    attrs = msg.attributes.get(EXTPROC_FILTER)
-    if attrs is None or "response.code" not in attrs.fields:
-        return 200
-    return int(attrs.fields["response.code"].number_value)
-
-
 def _header_map(headers: Iterable[HeaderValue]) -> dict[str, str]:
     return {
         h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value for h in headers
@@ -124,7 +117,7 @@ class Processor(ExternalProcessorServicer):  # type: ignore[misc]
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
         exchange: Exchange | None = None
-        headers: dict[str, str] = {}
+        headers: dict[str, str] = {}  # request headers, then the response's :status
         self.open_streams += 1
         try:
             async for msg in request_iterator:
@@ -158,10 +151,15 @@ class Processor(ExternalProcessorServicer):  # type: ignore[misc]
             if isinstance(decision, Immediate):
                 return immediate(decision), None
             return forward(decision), decision.exchange
+        if kind == "response_headers":
+            for h in msg.response_headers.headers.headers:
+                if h.key == ":status":
+                    headers[":status"] = h.raw_value.decode() if h.raw_value else h.value
+            return _RESPONSE_HEADERS_CONTINUE, exchange
         if kind == "response_body":
             if exchange is None:
                 return pb.ProcessingResponse(response_body=pb.BodyResponse()), None
-            status = _status(msg)
+            status = int(headers.get(":status", "200"))
             action = self.gateway.handle_response(exchange, status, msg.response_body.body)
             out_headers = dict(action.headers)
             body_mutation = None

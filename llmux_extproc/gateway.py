@@ -136,6 +136,11 @@ class Gateway:
         """The buffered request body of an authenticated request: choose and translate."""
         state = self.state
         try:
+            limit = state.config.settings.max_request_body_bytes
+            if len(body) > limit:
+                raise GatewayError(
+                    413, f"Request body is {len(body)} bytes; the limit is {limit} bytes."
+                )
             req = parse_request(OPERATIONS[path.partition("?")[0]], body)
             if req.model not in state.known_models:
                 raise GatewayError(
@@ -178,12 +183,13 @@ class Gateway:
         dep = exchange.dep
         if status >= 400:
             err = exchange.adapter.error(status, body, dep)
-            metrics.UPSTREAM_ERRORS.labels(err.type).inc()
+            # Labelled by status class, not the provider's free-form type: bounded values.
+            metrics.UPSTREAM_ERRORS.labels(error_type(err.status)).inc()
             return self._account(exchange, err.status, None, err)
         try:
             result = exchange.adapter.response(body, exchange.req, dep)
         except GatewayError as err:
-            metrics.UPSTREAM_ERRORS.labels(err.type).inc()
+            metrics.UPSTREAM_ERRORS.labels(error_type(err.status)).inc()
             return self._account(exchange, err.status, None, err)
         return self._account(exchange, status, result.usage, None, result.body)
 

@@ -129,6 +129,9 @@ class Supervisor:
                 os.environ.get("LLMUX_ENVOY_LOG_LEVEL", "warning"),
                 # Several gateways (and test runs) share a machine: no hot-restart shared memory.
                 "--disable-hot-restart",
+                # Access log lines reach stdout within a second, not Envoy's default 10 s.
+                "--file-flush-interval-msec",
+                "1000",
             ]
         )
         self._wait(lambda: self._admin_ready(), "Envoy admin", 20)

@@ -151,6 +151,7 @@ class Gateway:
     metrics_port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    settings: dict[str, Any]  # the `llmux:` section the gateway started with
 
     @property
     def base_url(self) -> str:
@@ -167,6 +168,9 @@ class Gateway:
         return httpx.get(f"{self.base_url}/metrics", timeout=5).text
 
     def write_config(self, config: dict[str, Any] | str) -> None:
+        """Replace the config file; a dict keeps the listen/admin/metrics settings in use."""
+        if isinstance(config, dict):
+            config = {**config, "llmux": {**self.settings, **(config.get("llmux") or {})}}
         text = config if isinstance(config, str) else yaml.safe_dump(config)
         # Same size and same second would look unchanged to an mtime/size watcher.
         tmp = self.config_path.with_suffix(".tmp")
@@ -216,7 +220,7 @@ def start_gateway(config: dict[str, Any], tmp: Path, env: dict[str, str] | None 
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
-    gw = Gateway(config_path, port, admin, metrics, proc, log_path)
+    gw = Gateway(config_path, port, admin, metrics, proc, log_path, full["llmux"])
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None:

@@ -76,18 +76,12 @@ PROVIDERS: dict[str, ProviderSpec] = {
 
 
 def adapter_for(spec: ProviderSpec) -> Adapter:
-    # Imported on first use: registry is imported by config, which adapters import.
-    if not _ADAPTERS:
-        _ADAPTERS.update(_load_adapters())
-    return _ADAPTERS[spec.adapter]
-
-
-def _load_adapters() -> dict[str, Adapter]:
-
-    names = {spec.adapter for spec in PROVIDERS.values()}
-    return {
-        name: importlib.import_module(f"llmux_extproc.providers.{name}").ADAPTER for name in names
-    }
+    # Imported on first use: the registry is imported by config, which adapters import.
+    adapter = _ADAPTERS.get(spec.adapter)
+    if adapter is None:
+        module = importlib.import_module(f"llmux_extproc.providers.{spec.adapter}")
+        adapter = _ADAPTERS[spec.adapter] = module.ADAPTER
+    return adapter
 
 
 _ADAPTERS: dict[str, Adapter] = {}
