@@ -103,6 +103,7 @@ class Settings:
     workers: int
     runtime_dir: str | None
     request_timeout_s: float
+    stream_idle_timeout_s: float
     connect_timeout_s: float
     max_request_body_bytes: int
     max_response_body_bytes: int
@@ -311,6 +312,7 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         "workers",
         "runtime_dir",
         "request_timeout",
+        "stream_idle_timeout",
         "connect_timeout",
         "max_request_body_bytes",
         "max_response_body_bytes",
@@ -335,6 +337,9 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         workers=workers,
         runtime_dir=_str(runtime_dir, "llmux.runtime_dir") if runtime_dir is not None else None,
         request_timeout_s=_positive(raw.get("request_timeout", 600), "llmux.request_timeout"),
+        stream_idle_timeout_s=_positive(
+            raw.get("stream_idle_timeout", 60), "llmux.stream_idle_timeout"
+        ),
         connect_timeout_s=_positive(raw.get("connect_timeout", 10), "llmux.connect_timeout"),
         max_request_body_bytes=_int(
             raw.get("max_request_body_bytes", 32 * 1024 * 1024), "llmux.max_request_body_bytes"

@@ -25,6 +25,7 @@ EXTPROC_FILTER = "envoy.filters.http.ext_proc"
 EXTPROC_CLUSTER = "llmux_extproc"
 METRICS_CLUSTER = "llmux_metrics"
 ROUTE_HEADER = "x-llmux-cluster"
+STREAM_HEADER = "x-llmux-stream"  # set by the processor on streamed requests
 # Dynamic metadata namespace the processor writes (per-request log fields, reply marks).
 METADATA_NAMESPACE = "llmux"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -246,14 +247,25 @@ def _routes(config: Config) -> list[dict[str, Any]]:
     }
     disabled = {"typed_per_filter_config": _per_route_extproc(disabled=True)}
     json_ct = [{"header": {"key": "content-type", "value": "application/json"}}]
+    internal = [ROUTE_HEADER, STREAM_HEADER]
+    chosen = {"name": ROUTE_HEADER, "present_match": True}
     routes: list[dict[str, Any]] = [
+        {
+            # A streamed answer may run long, but must not stall: bounded by idle time.
+            "match": {
+                "prefix": "/",
+                "headers": [chosen, {"name": STREAM_HEADER, "present_match": True}],
+            },
+            "route": {**llm_action, "idle_timeout": _duration(s.stream_idle_timeout_s)},
+            "request_headers_to_remove": internal,
+        },
         {
             # Once the processor has chosen a cluster, the rewritten :path (a provider's
             # own, e.g. /v1/messages) must still route there.
-            "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "present_match": True}]},
+            "match": {"prefix": "/", "headers": [chosen]},
             "route": llm_action,
-            "request_headers_to_remove": [ROUTE_HEADER],
-        }
+            "request_headers_to_remove": internal,
+        },
     ]
     for path in ("/v1/chat/completions", "/chat/completions", "/v1/embeddings", "/embeddings"):
         routes.append(
@@ -433,7 +445,9 @@ def bootstrap(
                 "name": "envoy.filters.http.header_mutation",
                 "typed_config": {
                     _TYPE: _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                    "mutations": {"request_mutations": [{"remove": ROUTE_HEADER}]},
+                    "mutations": {
+                        "request_mutations": [{"remove": ROUTE_HEADER}, {"remove": STREAM_HEADER}]
+                    },
                 },
             },
             _extproc_filter(config),

@@ -21,17 +21,19 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
-from llmux_extproc.envoy_config import METADATA_NAMESPACE, ROUTE_HEADER
+from llmux_extproc import metrics
+from llmux_extproc.envoy_config import METADATA_NAMESPACE, ROUTE_HEADER, STREAM_HEADER
 from llmux_extproc.errors import GatewayError
-from llmux_extproc.gateway import Exchange, Forward, Gateway, Immediate
+from llmux_extproc.gateway import Exchange, Forward, Gateway, Immediate, StreamSession
 
 log = logging.getLogger("llmux.extproc")
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-# Streamed responses are passed through untouched until streaming translation lands.
-_PASSTHROUGH_RESPONSE = ProcessingMode(
-    response_header_mode=ProcessingMode.SKIP,
-    response_body_mode=ProcessingMode.NONE,
+# Set (in reply to the response headers) for a streamed success: each upstream chunk is
+# translated and passed on as it arrives instead of buffered.
+_STREAMED_RESPONSE = ProcessingMode(
+    response_header_mode=ProcessingMode.SEND,
+    response_body_mode=ProcessingMode.STREAMED,
     response_trailer_mode=ProcessingMode.SKIP,
 )
 
@@ -78,6 +80,8 @@ def forward(fwd: Forward) -> pb.ProcessingResponse:
         ":authority": fwd.authority,
         **up.headers,
     }
+    if fwd.exchange.req.stream:
+        headers[STREAM_HEADER] = "1"
     if fwd.timeout_ms:
         # Read by Envoy's router; clients cannot set it (Envoy strips it from edge requests).
         headers["x-envoy-upstream-rq-timeout-ms"] = str(fwd.timeout_ms)
@@ -97,8 +101,6 @@ def forward(fwd: Forward) -> pb.ProcessingResponse:
             )
         )
     )
-    if fwd.exchange.req.stream:
-        response.mode_override.CopyFrom(_PASSTHROUGH_RESPONSE)
     return response
 
 
@@ -116,75 +118,136 @@ class Processor(ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        exchange: Exchange | None = None
-        headers: dict[str, str] = {}  # request headers, then the response's :status
+        state = _HttpStream(self.gateway)
         self.open_streams += 1
+        metrics.OPEN_STREAMS.inc()
         try:
             async for msg in request_iterator:
                 try:
-                    reply, exchange = await self._handle(msg, exchange, headers)
+                    reply = await state.handle(msg)
                 except Exception:
                     log.exception("processing failed")
                     reply = immediate(_internal_error())
                 yield reply
         finally:
+            # The gRPC stream ends with the HTTP request, also when the client left mid-way:
+            # a stream cut short is still accounted.
+            state.abandon()
             self.open_streams -= 1
+            metrics.OPEN_STREAMS.dec()
 
-    async def _handle(
-        self, msg: pb.ProcessingRequest, exchange: Exchange | None, headers: dict[str, str]
-    ) -> tuple[pb.ProcessingResponse, Exchange | None]:
+
+class _HttpStream:
+    """The state of one HTTP request across its ext_proc messages."""
+
+    __slots__ = ("exchange", "gateway", "headers", "session", "status")
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.headers: dict[str, str] = {}
+        self.exchange: Exchange | None = None
+        self.status = 200
+        self.session: StreamSession | None = None
+
+    async def handle(self, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
         kind = msg.WhichOneof("request")
         if kind == "request_headers":
-            headers.update(_header_map(msg.request_headers.headers.headers))
-            path = headers.get(":path", "")
-            answer = self.gateway.on_headers(headers.get(":method", ""), path, headers)
-            if answer is None and msg.request_headers.end_of_stream:
-                # No body will follow (an empty POST): the body phase would never run.
-                decision = await self.gateway.on_body(path, b"")
-                if isinstance(decision, Immediate):
-                    return immediate(decision), None
-            elif answer is not None:
-                return immediate(answer), None
-            return _HEADERS_CONTINUE, exchange
+            return await self._request_headers(msg.request_headers)
         if kind == "request_body":
-            decision = await self.gateway.on_body(headers.get(":path", ""), msg.request_body.body)
-            if isinstance(decision, Immediate):
-                return immediate(decision), None
-            return forward(decision), decision.exchange
-        if kind == "response_headers":
-            for h in msg.response_headers.headers.headers:
-                if h.key == ":status":
-                    headers[":status"] = h.raw_value.decode() if h.raw_value else h.value
-            return _RESPONSE_HEADERS_CONTINUE, exchange
-        if kind == "response_body":
-            if exchange is None:
-                return pb.ProcessingResponse(response_body=pb.BodyResponse()), None
-            status = int(headers.get(":status", "200"))
-            action = self.gateway.handle_response(exchange, status, msg.response_body.body)
-            out_headers = dict(action.headers)
-            body_mutation = None
-            if action.body is not None:
-                body_mutation = pb.BodyMutation(body=action.body)
-                out_headers["content-length"] = str(len(action.body))
-                out_headers["content-type"] = "application/json"
-            if action.status != status:
-                out_headers[":status"] = str(action.status)
-            return (
-                pb.ProcessingResponse(
-                    response_body=pb.BodyResponse(
-                        response=pb.CommonResponse(
-                            header_mutation=pb.HeaderMutation(
-                                set_headers=_set_headers(out_headers)
-                            ),
-                            body_mutation=body_mutation,
-                        )
-                    ),
-                    dynamic_metadata=_metadata(action.log),
-                ),
-                None,
+            decision = await self.gateway.on_body(
+                self.headers.get(":path", ""), msg.request_body.body
             )
+            if isinstance(decision, Immediate):
+                return immediate(decision)
+            self.exchange = decision.exchange
+            return forward(decision)
+        if kind == "response_headers":
+            return self._response_headers(msg.response_headers)
+        if kind == "response_body":
+            if self.session is not None:
+                return self._stream_chunk(msg.response_body)
+            return self._response_body(msg.response_body.body)
         # Phases this configuration does not send; answer so Envoy never waits.
-        return _continue(kind), exchange
+        return _continue(kind)
+
+    async def _request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        self.headers.update(_header_map(msg.headers.headers))
+        path = self.headers.get(":path", "")
+        answer = self.gateway.on_headers(self.headers.get(":method", ""), path, self.headers)
+        if answer is None and msg.end_of_stream:
+            # No body will follow (an empty POST): the body phase would never run.
+            decision = await self.gateway.on_body(path, b"")
+            if isinstance(decision, Immediate):
+                return immediate(decision)
+        elif answer is not None:
+            return immediate(answer)
+        return _HEADERS_CONTINUE
+
+    def _response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        for h in msg.headers.headers:
+            if h.key == ":status":
+                self.status = int(h.raw_value or h.value)
+        if self.exchange is None:
+            return _RESPONSE_HEADERS_CONTINUE
+        self.session = self.gateway.on_response_headers(self.exchange, self.status)
+        if self.session is None:
+            return _RESPONSE_HEADERS_CONTINUE
+        # A streamed answer: chunks go through the session as they come, so the length is
+        # unknown and the type is OpenAI's SSE whatever the provider sent.
+        response = pb.ProcessingResponse(
+            response_headers=pb.HeadersResponse(
+                response=pb.CommonResponse(
+                    header_mutation=pb.HeaderMutation(
+                        set_headers=_set_headers(
+                            {"content-type": "text/event-stream", "cache-control": "no-cache"}
+                        ),
+                        remove_headers=["content-length"],
+                    )
+                )
+            )
+        )
+        response.mode_override.CopyFrom(_STREAMED_RESPONSE)
+        return response
+
+    def _stream_chunk(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        session = self.session
+        assert session is not None
+        out = session.feed(msg.body, msg.end_of_stream)
+        common = None
+        if out != msg.body:
+            common = pb.CommonResponse(body_mutation=pb.BodyMutation(body=out))
+        response = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+        if msg.end_of_stream:
+            action = session.close(completed=True)
+            response.dynamic_metadata.CopyFrom(_metadata(action.log))
+        return response
+
+    def _response_body(self, body: bytes) -> pb.ProcessingResponse:
+        if self.exchange is None:
+            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+        action = self.gateway.handle_response(self.exchange, self.status, body)
+        self.exchange = None
+        out_headers = dict(action.headers)
+        body_mutation = None
+        if action.body is not None:
+            body_mutation = pb.BodyMutation(body=action.body)
+            out_headers["content-length"] = str(len(action.body))
+            out_headers["content-type"] = "application/json"
+        if action.status != self.status:
+            out_headers[":status"] = str(action.status)
+        return pb.ProcessingResponse(
+            response_body=pb.BodyResponse(
+                response=pb.CommonResponse(
+                    header_mutation=pb.HeaderMutation(set_headers=_set_headers(out_headers)),
+                    body_mutation=body_mutation,
+                )
+            ),
+            dynamic_metadata=_metadata(action.log),
+        )
+
+    def abandon(self) -> None:
+        if self.session is not None and not self.session.closed:
+            self.session.close(completed=False)
 
 
 def _continue(kind: str | None) -> pb.ProcessingResponse:

@@ -17,12 +17,18 @@ from typing import Any
 
 import orjson
 
-from llmux_extproc import metrics, pricing
+from llmux_extproc import metrics, pricing, sse, tokens
 from llmux_extproc.auth import authenticate
 from llmux_extproc.config import PRICE_KEYS, Config, Deployment
 from llmux_extproc.errors import GatewayError, bad_request, error_type
-from llmux_extproc.providers.base import Adapter, ClientRequest, UpstreamRequest
+from llmux_extproc.providers.base import (
+    Adapter,
+    ClientRequest,
+    StreamTranslator,
+    UpstreamRequest,
+)
 from llmux_extproc.providers.mock import MockAdapter
+from llmux_extproc.providers.openai import OpenAIStream, client_wants_usage
 from llmux_extproc.providers.registry import adapter_for
 from llmux_extproc.router import Router
 from llmux_extproc.usage import Usage
@@ -172,12 +178,22 @@ class Gateway:
         self, req: ClientRequest, dep: Deployment, adapter: MockAdapter, state: State
     ) -> Immediate:
         started = time.monotonic()
-        body, usage = adapter.answer(req, dep)
+        body, usage, content_type = adapter.answer(req, dep)
         exchange = Exchange(req, dep, adapter, state.prices.get(dep.id), started)
         action = self._account(exchange, 200, usage, None)
-        return Immediate(200, body, action.headers, action.log)
+        return Immediate(200, body, {**action.headers, "content-type": content_type}, action.log)
 
     # -- response phase ------------------------------------------------------------
+
+    def on_response_headers(self, exchange: Exchange, status: int) -> StreamSession | None:
+        """A streamed success gets a session that translates and accounts it chunk by chunk;
+        anything else (errors included) is handled whole by `handle_response`."""
+        if not exchange.req.stream or not 200 <= status < 300:
+            return None
+        translator = exchange.adapter.stream(exchange.req, exchange.dep)
+        if translator is None:  # the provider streams OpenAI's format already
+            translator = OpenAIStream(client_wants_usage(exchange.req.body))
+        return StreamSession(self, exchange, translator)
 
     def handle_response(self, exchange: Exchange, status: int, body: bytes) -> ResponseAction:
         dep = exchange.dep
@@ -220,6 +236,101 @@ class Gateway:
                 headers["x-llmux-response-cost"] = headers["x-litellm-response-cost"] = repr(cost)
                 log["cost"] = cost
         return ResponseAction(status, body, headers, log)
+
+
+class StreamSession:
+    """One streamed response: upstream chunks in, OpenAI SSE out, accounted at the end.
+
+    The output is kept (as the client saw it) only so that a stream that ends without the
+    provider's counts, e.g. because the client left, can still be counted with tiktoken.
+    """
+
+    def __init__(self, gateway: Gateway, exchange: Exchange, translator: StreamTranslator) -> None:
+        self.gateway = gateway
+        self.exchange = exchange
+        self.translator = translator
+        self.output: list[bytes] = []
+        self.first_output: float | None = None
+        self.closed = False
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        out = self.translator.feed(chunk) if chunk else b""
+        if end:
+            out += self.translator.finish()
+        if out:
+            self.output.append(out)
+            if self.first_output is None:
+                self.first_output = time.monotonic()
+        return out
+
+    def close(self, completed: bool) -> ResponseAction:
+        """Account the stream; `completed` is False when it was cut short (client gone)."""
+        self.closed = True
+        ex = self.exchange
+        usage = self.translator.usage
+        if usage.completion_tokens == 0 or usage.prompt_tokens == 0:
+            usage = self._estimate(usage)
+        now = time.monotonic()
+        model, provider = ex.dep.model_name, ex.dep.provider
+        if self.first_output is not None:
+            metrics.TIME_TO_FIRST_TOKEN.labels(provider, model).observe(
+                self.first_output - ex.started
+            )
+            if usage.completion_tokens > 1:
+                per_token = (now - self.first_output) / (usage.completion_tokens - 1)
+                metrics.TIME_PER_OUTPUT_TOKEN.labels(provider, model).observe(per_token)
+        estimated = "true" if usage.estimated else "false"
+        metrics.STREAMED_TOKENS.labels(model, "input", estimated).inc(usage.prompt_tokens)
+        metrics.STREAMED_TOKENS.labels(model, "output", estimated).inc(usage.completion_tokens)
+        action = self.gateway._account(ex, 200 if completed else 499, usage, None)
+        action.log["stream"] = True
+        action.log["usage_estimated"] = usage.estimated
+        return action
+
+    def _estimate(self, usage: Usage) -> Usage:
+        ex = self.exchange
+        messages = ex.req.body.get("messages")
+        prompt = usage.prompt_tokens or (
+            tokens.count_messages(messages, ex.dep.model) if isinstance(messages, list) else 0
+        )
+        completion = usage.completion_tokens or tokens.count_text(
+            _streamed_text(self.output), ex.dep.model
+        )
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            estimated=True,
+        )
+
+
+def _streamed_text(output: list[bytes]) -> str:
+    """Everything the model produced in an OpenAI chunk stream: content, reasoning, tool calls."""
+    parts: list[str] = []
+    splitter = sse.EventSplitter()
+    for chunk in [*output, b"\n\n"]:
+        for ev in splitter.feed(chunk):
+            data = sse.data_json(ev)
+            if not isinstance(data, dict):
+                continue
+            for choice in data.get("choices") or []:
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if not isinstance(delta, dict):
+                    continue
+                for key in ("content", "reasoning_content"):
+                    if isinstance(delta.get(key), str):
+                        parts.append(delta[key])
+                for call in delta.get("tool_calls") or []:
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict):
+                        parts.extend(
+                            v
+                            for v in (function.get("name"), function.get("arguments"))
+                            if isinstance(v, str)
+                        )
+    return "".join(parts)
 
 
 def _count_tokens(model: str, usage: Usage) -> None:

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -26,6 +33,26 @@ LATENCY = Histogram(
 TOKENS = Counter("llm_token_usage", "Tokens accounted", ["team", "model", "type"])
 SPEND = Counter("llm_spend", "Cost in USD from the model price table", ["team", "model"])
 UPSTREAM_ERRORS = Counter("llm_upstream_error", "Failed upstream answers", ["error_type"])
+TIME_TO_FIRST_TOKEN = Histogram(
+    "llm_time_to_first_token_seconds",
+    "Time from the request body reaching LLMux to the first streamed output",
+    ["provider", "model"],
+    buckets=LATENCY_BUCKETS,
+)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "llm_time_per_output_token_seconds",
+    "Streaming time after the first output, per further output token",
+    ["provider", "model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
+)
+STREAMED_TOKENS = Counter(
+    "llm_streamed_tokens", "Tokens of streamed responses", ["model", "type", "estimated"]
+)
+OPEN_STREAMS = Gauge(
+    "llmux_open_streams",
+    "ext_proc streams (HTTP requests) in progress",
+    multiprocess_mode="livesum",
+)
 CONFIG_RELOADS = Counter("llmux_config_reloads", "Config reload attempts", ["result"])
 
 

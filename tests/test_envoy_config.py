@@ -12,7 +12,7 @@ import pytest
 from llmux_extproc import envoy_config
 from llmux_extproc.config import parse_config
 from llmux_extproc.envoy_binary import find_envoy
-from llmux_extproc.envoy_config import ROUTE_HEADER, RuntimePaths
+from llmux_extproc.envoy_config import ROUTE_HEADER, STREAM_HEADER, RuntimePaths
 
 CONFIG = """
 model_list:
@@ -106,14 +106,18 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     ]
     # The routing header is stripped from client requests before the processor runs.
     assert hcm["http_filters"][0]["typed_config"]["mutations"]["request_mutations"] == [
-        {"remove": ROUTE_HEADER}
+        {"remove": ROUTE_HEADER},
+        {"remove": STREAM_HEADER},
     ]
     ext = hcm["http_filters"][1]["typed_config"]
     assert ext["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert ext["grpc_service"]["envoy_grpc"]["max_receive_message_length"] > 2_000_000
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    assert routes[0]["route"]["cluster_header"] == ROUTE_HEADER
-    assert routes[0]["request_headers_to_remove"] == [ROUTE_HEADER]
+    # Streamed requests get an idle timeout; both routes drop the internal headers.
+    assert routes[0]["route"]["idle_timeout"] == "60.000s"
+    for route in routes[:2]:
+        assert route["route"]["cluster_header"] == ROUTE_HEADER
+        assert route["request_headers_to_remove"] == [ROUTE_HEADER, STREAM_HEADER]
     assert routes[-1]["direct_response"]["status"] == 404
 
 

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from llmux_extproc import tokens
+from llmux_extproc import sse, tokens
 from llmux_extproc.providers.base import Adapter, ClientRequest
+from llmux_extproc.providers.openai import client_wants_usage
 from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
@@ -24,9 +25,11 @@ if TYPE_CHECKING:
 class MockAdapter(Adapter):
     name = "mock"
 
-    def answer(self, req: ClientRequest, dep: Deployment) -> tuple[bytes, Usage]:
+    def answer(self, req: ClientRequest, dep: Deployment) -> tuple[bytes, Usage, str]:
+        """The whole answer: body, usage and content type (SSE for `stream: true`)."""
         if req.operation == "embeddings":
-            return self._embeddings(req, dep)
+            vectors, vector_usage = self._embeddings(req, dep)
+            return vectors, vector_usage, "application/json"
         messages = req.body.get("messages") or []
         content = dep.params.get("mock_response")
         if not isinstance(content, str):
@@ -35,9 +38,11 @@ class MockAdapter(Adapter):
             prompt_tokens=tokens.count_messages(messages, dep.model),
             completion_tokens=tokens.count_text(content, dep.model),
         )
-        digest = hashlib.sha256(req.raw).hexdigest()[:24]
-        body = {
-            "id": f"chatcmpl-mock-{digest}",
+        completion_id = f"chatcmpl-mock-{hashlib.sha256(req.raw).hexdigest()[:24]}"
+        if req.stream:
+            return _stream(completion_id, dep.model, content, usage, client_wants_usage(req.body))
+        completion = {
+            "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": dep.model,
@@ -52,7 +57,7 @@ class MockAdapter(Adapter):
             "usage": usage.to_openai(),
             "system_fingerprint": "llmux-mock",
         }
-        return orjson.dumps(body), usage
+        return orjson.dumps(completion), usage, "application/json"
 
     def _embeddings(self, req: ClientRequest, dep: Deployment) -> tuple[bytes, Usage]:
         raw_input = req.body.get("input")
@@ -75,6 +80,44 @@ class MockAdapter(Adapter):
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
         return orjson.dumps(body), usage
+
+
+def _stream(
+    completion_id: str, model: str, content: str, usage: Usage, with_usage: bool
+) -> tuple[bytes, Usage, str]:
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return sse.event(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
+        )
+
+    words = content.split(" ")
+    parts = [chunk({"role": "assistant", "content": ""})]
+    parts += [chunk({"content": w if i == 0 else " " + w}) for i, w in enumerate(words)]
+    parts.append(chunk({}, "stop"))
+    if with_usage:
+        parts.append(
+            sse.event(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage.to_openai(),
+                }
+            )
+        )
+    parts.append(sse.DONE)
+    return b"".join(parts), usage, "text/event-stream"
 
 
 def _last_user_text(messages: list[Any]) -> str:

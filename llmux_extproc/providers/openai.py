@@ -7,7 +7,7 @@ forwarded untouched: usage is read, nothing is rewritten.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -15,10 +15,12 @@ from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers.base import (
     Adapter,
     ClientRequest,
+    StreamTranslator,
     UpstreamRequest,
     UpstreamResult,
     extract_message,
 )
+from llmux_extproc.sse import EventSplitter, data_json
 from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
@@ -36,7 +38,16 @@ class OpenAIAdapter(Adapter):
         if dep.api_key:
             headers["authorization"] = f"Bearer {dep.api_key}"
         body = None
-        if req.body.get("model") != dep.model:
+        if req.stream and not client_wants_usage(req.body):
+            # Ask for the usage chunk so the stream is accounted from the provider's counts.
+            options = req.body.get("stream_options")
+            options = (
+                {**options, "include_usage": True}
+                if isinstance(options, dict)
+                else {"include_usage": True}
+            )
+            body = orjson.dumps({**req.body, "model": dep.model, "stream_options": options})
+        elif req.body.get("model") != dep.model:
             body = orjson.dumps({**req.body, "model": dep.model})
         return UpstreamRequest(dep.upstream.base_path + _PATHS[req.operation], headers, body)
 
@@ -47,6 +58,9 @@ class OpenAIAdapter(Adapter):
             raise GatewayError(502, f"provider {dep.provider!r} returned invalid JSON") from exc
         usage = data.get("usage") if isinstance(data, dict) else None
         return UpstreamResult(Usage.from_openai(usage))
+
+    def stream(self, req: ClientRequest, dep: Deployment) -> StreamTranslator | None:
+        return OpenAIStream(client_wants_usage(req.body))
 
     def error(self, status: int, body: bytes, dep: Deployment) -> GatewayError:
         message = extract_message(body) or f"upstream returned HTTP {status}"
@@ -64,3 +78,43 @@ class OpenAIAdapter(Adapter):
 
 
 ADAPTER = OpenAIAdapter()
+
+
+class OpenAIStream(StreamTranslator):
+    """An OpenAI-format stream passed through: reads usage, changes nothing else.
+
+    LLMux asks the provider for a usage chunk (`stream_options.include_usage`) so streams are
+    accounted from the provider's own counts; when the client did not ask for it, that chunk
+    is dropped on the way back so the client sees the stream it asked for.
+    """
+
+    def __init__(self, client_wants_usage: bool) -> None:
+        self.usage = Usage()
+        self.has_usage = False
+        self._keep_usage_chunk = client_wants_usage
+        self._events = EventSplitter()
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = []
+        for ev in self._events.feed(chunk):
+            if b'"usage"' in ev and self._take_usage(ev):
+                continue
+            out.append(ev)
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        return self._events.rest()
+
+    def _take_usage(self, ev: bytes) -> bool:
+        """Record usage from the event; True when the event should be dropped."""
+        data = data_json(ev)
+        if not isinstance(data, dict) or not isinstance(data.get("usage"), dict):
+            return False
+        self.usage = Usage.from_openai(data["usage"])
+        self.has_usage = True
+        return not self._keep_usage_chunk and not data.get("choices")
+
+
+def client_wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
