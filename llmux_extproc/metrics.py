@@ -53,6 +53,11 @@ OPEN_STREAMS = Gauge(
     "ext_proc streams (HTTP requests) in progress",
     multiprocess_mode="livesum",
 )
+ASYNCIO_TASKS = Gauge(
+    "llmux_asyncio_tasks",
+    "asyncio tasks alive in the ext_proc workers (sampled each second)",
+    multiprocess_mode="livesum",
+)
 CONFIG_RELOADS = Counter("llmux_config_reloads", "Config reload attempts", ["result"])
 
 

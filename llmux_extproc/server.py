@@ -91,10 +91,18 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
             if reloader.changed():
                 reloader.reload()
 
-    watcher = asyncio.create_task(watch_file()) if watch and config_path else None
+    async def sample_tasks() -> None:
+        # A leak of per-request tasks shows here long before it shows in memory.
+        while True:
+            metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
+            await asyncio.sleep(1)
+
+    background = [asyncio.create_task(sample_tasks())]
+    if watch and config_path:
+        background.append(asyncio.create_task(watch_file()))
     await stop.wait()
-    if watcher:
-        watcher.cancel()
+    for task in background:
+        task.cancel()
     # Let in-flight exchanges finish: Envoy drains before the supervisor stops us.
     await server.stop(grace=5)
 

@@ -78,7 +78,6 @@ GOOGLE_STATUS = {
 
 # OpenAI parameters whose effect Gemini cannot reproduce: 400 unless drop_params.
 _UNSUPPORTED = ("logit_bias", "logprobs", "top_logprobs", "audio", "prediction")
-_UNSUPPORTED_ALWAYS = ("web_search_options",)
 
 # Marks a Gemini thought signature carried inside an OpenAI tool-call id. Gemini 3 rejects
 # a replayed function call without its signature, and the id is the one field of a tool
@@ -195,12 +194,9 @@ def to_gemini_body(req: ClientRequest, dep: Deployment) -> Json:
 
 
 def _reject_unsupported(body: Json, dep: Deployment) -> None:
-    for name in _UNSUPPORTED + _UNSUPPORTED_ALWAYS:
-        if body.get(name) in (None, False, {}, [], 0):
-            continue
-        if dep.drop_params and name not in _UNSUPPORTED_ALWAYS:
-            continue
-        raise _unsupported(name, dep)
+    for name in _UNSUPPORTED:
+        if body.get(name) not in (None, False, {}, [], 0) and not dep.drop_params:
+            raise _unsupported(name, dep)
     modalities = body.get("modalities")
     if modalities not in (None, ["text"]) and not dep.drop_params:
         raise _unsupported("modalities", dep)
@@ -435,8 +431,12 @@ def convert_tools(body: Json) -> list[Json]:
     tools = body.get("tools")
     if tools is None and isinstance(body.get("functions"), list):
         tools = [{"type": "function", "function": f} for f in body["functions"]]
+    # OpenAI's web search is Gemini's Google Search grounding tool.
+    search: list[Json] = (
+        [{"googleSearch": {}}] if body.get("web_search_options") is not None else []
+    )
     if tools is None:
-        return []
+        return search
     if not isinstance(tools, list):
         raise bad_request("tools must be an array.", "tools")
     allowed = _allowed_tool_names(body.get("tool_choice"))
@@ -458,7 +458,7 @@ def convert_tools(body: Json) -> list[Json]:
         if allowed is None or declaration["name"] in allowed:
             declarations.append(declaration)
     out = [{"functionDeclarations": declarations}] if declarations else []
-    return out + native
+    return out + native + [t for t in search if t not in native]
 
 
 def _allowed_tool_names(choice: Any) -> set[str] | None:

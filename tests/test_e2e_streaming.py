@@ -1,0 +1,403 @@
+"""Streaming end to end: the openai SDK's stream iterator through real Envoy and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.harness import Gateway, MockUpstream, json_response, running_gateway
+from tests.mock_anthropic import API_KEY as ANTHROPIC_KEY
+from tests.mock_anthropic import AnthropicMock
+
+pytestmark = pytest.mark.e2e
+
+WORDS = ["Streaming", " is", " where", " gateways", " break", "."]
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    body = {
+        "id": "chatcmpl-s",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+@dataclass
+class OpenAIStreamer:
+    """An OpenAI-compatible upstream whose stream behaviour each test scripts by prompt."""
+
+    closed_early: list[float] = field(default_factory=list)
+
+    async def __call__(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        data = orjson.loads(body)
+        prompt = data["messages"][-1]["content"]
+        if not data.get("stream"):
+            return json_response(
+                {
+                    "id": "chatcmpl-s",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": "gpt-4o",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(WORDS)},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18},
+                }
+            )
+        if prompt == "rate limit me":
+            return json_response(
+                {
+                    "error": {
+                        "message": "slow down",
+                        "type": "requests",
+                        "param": None,
+                        "code": "rate_limit_exceeded",
+                    }
+                },
+                429,
+            )
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(chunk({"role": "assistant", "content": ""}))
+        delay = 0.02
+        if prompt == "slow and long":
+            delay = 0.2
+        try:
+            for i, word in enumerate(WORDS * (20 if prompt == "slow and long" else 1)):
+                if prompt == "die midway" and i == 3:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                if prompt == "stall" and i == 2:
+                    await asyncio.sleep(30)
+                await resp.write(chunk({"content": word}))
+                await asyncio.sleep(delay)
+            await resp.write(chunk({}, "stop"))
+            if (data.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18}
+                await resp.write(
+                    b"data: "
+                    + orjson.dumps(
+                        {
+                            "id": "chatcmpl-s",
+                            "object": "chat.completion.chunk",
+                            "created": 1,
+                            "model": "gpt-4o",
+                            "choices": [],
+                            "usage": usage,
+                        }
+                    )
+                    + b"\n\n"
+                )
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.closed_early.append(time.monotonic())
+            raise
+        return resp
+
+
+@pytest.fixture(scope="module")
+def streamer() -> OpenAIStreamer:
+    return OpenAIStreamer()
+
+
+@pytest.fixture(scope="module")
+def upstreams(streamer: OpenAIStreamer) -> Iterator[tuple[MockUpstream, MockUpstream]]:
+    openai_up = MockUpstream(streamer).start()
+    anthropic_up = MockUpstream(AnthropicMock()).start()
+    yield openai_up, anthropic_up
+    openai_up.stop()
+    anthropic_up.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    upstreams: tuple[MockUpstream, MockUpstream], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    openai_up, anthropic_up = upstreams
+    config = {
+        "model_list": [
+            {
+                "model_name": "gpt",
+                "litellm_params": {
+                    "model": "openai/gpt-4o",
+                    "api_base": f"{openai_up.base_url}/v1",
+                    "api_key": "k",
+                },
+            },
+            {
+                "model_name": "claude",
+                "litellm_params": {
+                    "model": "anthropic/claude-3-5-sonnet-20241022",
+                    "api_base": anthropic_up.base_url,
+                    "api_key": ANTHROPIC_KEY,
+                },
+            },
+            {"model_name": "mock", "litellm_params": {"model": "mock/gpt-4o-mini"}},
+        ],
+        "llmux": {"stream_idle_timeout": 1.5, "workers": 2},
+    }
+    with running_gateway(config, tmp_path_factory.mktemp("stream")) as gw:
+        yield gw
+
+
+@pytest.fixture
+def client(gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.openai_base, api_key="x", max_retries=0, timeout=20)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def collect(stream: Any) -> tuple[str, list[Any]]:
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def test_passthrough_stream_matches_non_stream_and_is_accounted(
+    client: openai.OpenAI, gateway: Gateway, upstreams: tuple[MockUpstream, MockUpstream]
+) -> None:
+    whole = client.chat.completions.create(
+        model="gpt", messages=[{"role": "user", "content": "hi"}]
+    )
+    before = gateway.metrics()
+    text, chunks = collect(
+        client.chat.completions.create(
+            model="gpt", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    )
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # LLMux asked the upstream for usage, and dropped the usage chunk the client did not ask for.
+    assert upstreams[0].last().json()["stream_options"] == {"include_usage": True}
+    assert all(c.usage is None for c in chunks)
+    after = gateway.metrics()
+    assert (
+        _metric(after, "llm_token_usage_total", model="gpt", type="output")
+        - _metric(before, "llm_token_usage_total", model="gpt", type="output")
+        == 6
+    )
+    assert (
+        _metric(after, "llm_streamed_tokens_total", model="gpt", type="input", estimated="false")
+        - _metric(before, "llm_streamed_tokens_total", model="gpt", type="input", estimated="false")
+        == 12
+    )
+    assert _metric(after, "llm_time_to_first_token_seconds_count", model="gpt") > _metric(
+        before, "llm_time_to_first_token_seconds_count", model="gpt"
+    )
+
+
+def test_include_usage_is_honoured(client: openai.OpenAI) -> None:
+    _, chunks = collect(
+        client.chat.completions.create(
+            model="gpt",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    final = chunks[-1]
+    assert final.choices == [] and final.usage is not None
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (12, 6)
+
+
+def test_anthropic_stream_is_translated_like_the_whole_answer(client: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "Say hello"}]
+    whole = client.chat.completions.create(model="claude", messages=messages)
+    text, chunks = collect(
+        client.chat.completions.create(
+            model="claude", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    # The mock numbers its answers; everything else must match.
+    assert re.sub(r"\d+", "N", text) == re.sub(r"\d+", "N", whole.choices[0].message.content or "")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert whole.usage is not None and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_anthropic_streamed_tool_calls(client: openai.OpenAI) -> None:
+    from tests.corpus import case
+
+    request = case("parallel_tools").request
+    whole = client.chat.completions.create(model="claude", **request)
+    _, chunks = collect(client.chat.completions.create(model="claude", stream=True, **request))
+    calls: dict[int, dict[str, str]] = {}
+    for c in chunks:
+        for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            entry = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+            entry["id"] += tc.id or ""
+            if tc.function:
+                entry["name"] += tc.function.name or ""
+                entry["arguments"] += tc.function.arguments or ""
+    expected = whole.choices[0].message.tool_calls or []
+    assert len(calls) == len(expected) == 2
+    for i, call in enumerate(expected):
+        assert calls[i]["id"].startswith("toolu_") and call.id.startswith("toolu_")
+        assert calls[i]["name"] == call.function.name
+        assert orjson.loads(calls[i]["arguments"]) == orjson.loads(call.function.arguments)
+
+
+def test_mock_streams(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "stream me"}]
+    )
+    text, chunks = collect(
+        client.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "stream me"}], stream=True
+        )
+    )
+    assert text == whole.choices[0].message.content
+    assert len(chunks) > 3
+
+
+def test_error_before_the_stream_is_an_sdk_exception(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.RateLimitError) as info:
+        list(
+            client.chat.completions.create(
+                model="gpt", messages=[{"role": "user", "content": "rate limit me"}], stream=True
+            )
+        )
+    assert "slow down" in str(info.value)
+
+
+def test_upstream_dying_midway_ends_the_stream(client: openai.OpenAI) -> None:
+    started = time.monotonic()
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        collect(
+            client.chat.completions.create(
+                model="gpt", messages=[{"role": "user", "content": "die midway"}], stream=True
+            )
+        )
+    assert time.monotonic() - started < 10
+
+
+def test_stalled_upstream_is_cut_by_the_idle_timeout(client: openai.OpenAI) -> None:
+    started = time.monotonic()
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        collect(
+            client.chat.completions.create(
+                model="gpt", messages=[{"role": "user", "content": "stall"}], stream=True
+            )
+        )
+    assert time.monotonic() - started < 10  # stream_idle_timeout is 1.5 s; the stall is 30 s
+
+
+def test_client_disconnect_cancels_upstream_and_is_accounted(
+    gateway: Gateway, streamer: OpenAIStreamer
+) -> None:
+    before = gateway.metrics()
+    streamer.closed_early.clear()
+    with httpx.stream(
+        "POST",
+        f"{gateway.openai_base}/chat/completions",
+        json={
+            "model": "gpt",
+            "stream": True,
+            "messages": [{"role": "user", "content": "slow and long"}],
+        },
+        timeout=10,
+    ) as resp:
+        lines = resp.iter_lines()
+        for _ in range(6):
+            next(lines)
+    left = time.monotonic()
+    deadline = left + 5
+    while not streamer.closed_early and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert streamer.closed_early, "the upstream never saw the disconnect"
+    assert streamer.closed_early[0] - left < 1.0
+    # Accounted as cut short (499), with tokens estimated from what was streamed.
+    for _ in range(50):
+        after = gateway.metrics()
+        if _metric(after, "llm_requests_total", model="gpt", status_code="499") > _metric(
+            before, "llm_requests_total", model="gpt", status_code="499"
+        ):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the cut stream was not accounted")
+    assert _metric(
+        after, "llm_streamed_tokens_total", model="gpt", type="output", estimated="true"
+    ) > _metric(before, "llm_streamed_tokens_total", model="gpt", type="output", estimated="true")
+
+
+def test_no_stream_state_leaks(gateway: Gateway) -> None:
+    async def one(http: httpx.AsyncClient, i: int) -> None:
+        body = {"model": "gpt", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        async with http.stream("POST", "/chat/completions", json=body) as resp:
+            async for n, _ in _enumerate(resp.aiter_lines()):
+                if i % 3 == 0 and n == 2:
+                    break  # cut short
+
+    async def main(count: int) -> None:
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(
+            base_url=gateway.openai_base, limits=limits, timeout=30
+        ) as http:
+            for start in range(0, count, 50):
+                await asyncio.gather(*(one(http, i) for i in range(start, start + 50)))
+
+    def settled() -> tuple[float, float, int]:
+        time.sleep(2.5)  # the task gauge is sampled each second
+        metrics = gateway.metrics()
+        rss = sum(_rss_kib(pid) for pid in _worker_pids(gateway))
+        return _metric(metrics, "llmux_open_streams"), _metric(metrics, "llmux_asyncio_tasks"), rss
+
+    asyncio.run(main(100))  # warm up: tokenizer, connection pools, caches
+    _, tasks_before, rss_before = settled()
+    asyncio.run(main(3000))
+    open_after, tasks_after, rss_after = settled()
+    assert open_after == 0
+    assert tasks_after == tasks_before
+    assert rss_after - rss_before < 20 * 1024, (rss_before, rss_after)
+
+
+def _worker_pids(gateway: Gateway) -> list[int]:
+    return [
+        int(line.split("ext_proc worker ")[1].split()[0])
+        for line in gateway.log().splitlines()
+        if "ext_proc worker" in line and "serving" in line
+    ]
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+async def _enumerate(it: Any) -> Any:
+    n = 0
+    async for item in it:
+        yield n, item
+        n += 1
