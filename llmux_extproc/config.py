@@ -172,7 +172,11 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     warnings = [f"{key}: unknown section, ignored" for key in raw if key not in KNOWN_SECTIONS]
 
     env_vars = _mapping(raw.get("environment_variables"), "environment_variables")
-    env = {**{str(k): str(v) for k, v in env_vars.items()}, **os.environ}
+    # As in LiteLLM, the section fills the process environment (without overriding it), so
+    # provider code reading standard variables (AWS_REGION, VERTEXAI_LOCATION) sees them.
+    for key, value in env_vars.items():
+        os.environ.setdefault(str(key), str(value))
+    env = dict(os.environ)
 
     general = _mapping(raw.get("general_settings"), "general_settings")
     router = _mapping(raw.get("router_settings"), "router_settings")
@@ -255,6 +259,10 @@ def _parse_deployment(index: int, item: Any, env: dict[str, str], drop_params: b
         api_key = _resolve_secret(api_key, f"{where}.litellm_params.api_key", env)
     elif spec.api_key_env:
         api_key = env.get(spec.api_key_env)
+
+    for key, value in params.items():  # LiteLLM resolves os.environ/ in any parameter
+        if isinstance(value, str) and value.startswith("os.environ/"):
+            params[key] = _resolve_secret(value, f"{where}.litellm_params.{key}", env)
 
     rpm = _opt_int(params.pop("rpm", None), f"{where}.litellm_params.rpm")
     tpm = _opt_int(params.pop("tpm", None), f"{where}.litellm_params.tpm")
