@@ -28,6 +28,9 @@ ROUTE_HEADER = "x-llmux-cluster"
 STREAM_HEADER = "x-llmux-stream"  # set by the processor on streamed requests
 # Dynamic metadata namespace the processor writes (per-request log fields, reply marks).
 METADATA_NAMESPACE = "llmux"
+# Where Envoy's sse_to_metadata filter puts the `usage` object of OpenAI-format streams.
+USAGE_NAMESPACE = "llmux.usage"
+ACCESS_LOG_NAME = "llmux-streams"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 _TYPE = "@type"
@@ -373,10 +376,67 @@ def _local_reply_config() -> dict[str, Any]:
     return {"mappers": mappers}
 
 
+def _stream_usage_filter() -> dict[str, Any]:
+    """Envoy reads `usage` from OpenAI-format SSE itself, so streams passed through untouched
+    need no Python per chunk; the last `usage` seen wins (earlier chunks carry null)."""
+    rule = {
+        "selectors": [{"key": "usage"}],
+        "on_present": {
+            "metadata_namespace": USAGE_NAMESPACE,
+            "key": "usage",
+            "type": "PROTOBUF_VALUE",
+        },
+    }
+    return {
+        "name": "envoy.filters.http.sse_to_metadata",
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+            "response_rules": {
+                "content_parser": {
+                    "name": "envoy.content_parsers.json",
+                    "typed_config": {
+                        _TYPE: _T + "envoy.extensions.content_parsers.json.v3.JsonContentParser",
+                        "rules": [{"rule": rule}],
+                    },
+                },
+                "max_event_size": 1024 * 1024,
+            },
+        },
+    }
+
+
+def _stream_accounting_log() -> dict[str, Any]:
+    """Passed-through streams are accounted from their access-log entries, which Envoy sends
+    to the workers in batches over gRPC: one message per batch, not per request or chunk."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": METADATA_NAMESPACE,
+                    "path": [{"key": "fast_stream"}],
+                    "value": {"present_match": True},
+                },
+                "match_if_key_not_found": False,  # the default (True) would log every request
+            }
+        },
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": ACCESS_LOG_NAME,
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "transport_api_version": "V3",
+                "buffer_flush_interval": "0.2s",
+            },
+        },
+    }
+
+
 def _access_log(config: Config) -> list[dict[str, Any]]:
+    accounting = _stream_accounting_log()
     target = config.settings.access_log
     if target == "off":
-        return []
+        return [accounting]
     md = f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{{}})%"
     fmt = {
         "time": "%START_TIME%",
@@ -399,6 +459,7 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
                 "error",
             )
         },
+        "stream_usage": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:usage)%",
     }
     if target == "stdout":
         log = {
@@ -417,7 +478,7 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
                 "log_format": {"json_format": fmt},
             },
         }
-    return [log]
+    return [log, accounting]
 
 
 def bootstrap(
@@ -450,6 +511,7 @@ def bootstrap(
                     },
                 },
             },
+            _stream_usage_filter(),
             _extproc_filter(config),
             {
                 "name": "envoy.filters.http.router",

@@ -24,11 +24,24 @@ from google.protobuf.struct_pb2 import Struct
 from llmux_extproc import metrics
 from llmux_extproc.envoy_config import METADATA_NAMESPACE, ROUTE_HEADER, STREAM_HEADER
 from llmux_extproc.errors import GatewayError
-from llmux_extproc.gateway import Exchange, Forward, Gateway, Immediate, StreamSession
+from llmux_extproc.gateway import (
+    Exchange,
+    Forward,
+    Gateway,
+    Immediate,
+    PassThrough,
+    StreamSession,
+)
 
 log = logging.getLogger("llmux.extproc")
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# Set (in reply to the response headers) for a stream Envoy passes on by itself.
+_PASSTHROUGH_RESPONSE = ProcessingMode(
+    response_header_mode=ProcessingMode.SEND,
+    response_body_mode=ProcessingMode.NONE,
+    response_trailer_mode=ProcessingMode.SKIP,
+)
 # Set (in reply to the response headers) for a streamed success: each upstream chunk is
 # translated and passed on as it arrives instead of buffered.
 _STREAMED_RESPONSE = ProcessingMode(
@@ -189,9 +202,17 @@ class _HttpStream:
                 self.status = int(h.raw_value or h.value)
         if self.exchange is None:
             return _RESPONSE_HEADERS_CONTINUE
-        self.session = self.gateway.on_response_headers(self.exchange, self.status)
-        if self.session is None:
+        handling = self.gateway.on_response_headers(self.exchange, self.status)
+        if handling is None:
             return _RESPONSE_HEADERS_CONTINUE
+        if isinstance(handling, PassThrough):
+            self.exchange = None
+            response = pb.ProcessingResponse(
+                response_headers=pb.HeadersResponse(), dynamic_metadata=_metadata(handling.log)
+            )
+            response.mode_override.CopyFrom(_PASSTHROUGH_RESPONSE)
+            return response
+        self.session = handling
         # A streamed answer: chunks go through the session as they come, so the length is
         # unknown and the type is OpenAI's SSE whatever the provider sent.
         response = pb.ProcessingResponse(

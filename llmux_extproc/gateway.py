@@ -87,11 +87,19 @@ class ResponseAction:
     log: dict[str, Any]
 
 
+@dataclass(slots=True)
+class PassThrough:
+    """A stream Envoy passes on untouched; `log` marks it for accounting from its log entry."""
+
+    log: dict[str, Any]
+
+
 class State:
     """Everything derived from one config, built once per (re)load, swapped atomically."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.by_id = {d.id: d for d in config.deployments}
         self.router = Router(config)
         self.prices = {d.id: _price_for(d) for d in config.deployments}
         self.known_models = set(config.model_names)
@@ -185,15 +193,71 @@ class Gateway:
 
     # -- response phase ------------------------------------------------------------
 
-    def on_response_headers(self, exchange: Exchange, status: int) -> StreamSession | None:
-        """A streamed success gets a session that translates and accounts it chunk by chunk;
-        anything else (errors included) is handled whole by `handle_response`."""
+    def on_response_headers(
+        self, exchange: Exchange, status: int
+    ) -> StreamSession | PassThrough | None:
+        """How a streamed success is handled: passed through by Envoy alone when nothing in
+        it needs changing, else a session that translates and accounts it chunk by chunk.
+        None: not a streamed success; `handle_response` takes the whole body (errors too)."""
         if not exchange.req.stream or not 200 <= status < 300:
             return None
         translator = exchange.adapter.stream(exchange.req, exchange.dep)
         if translator is None:  # the provider streams OpenAI's format already
             translator = OpenAIStream(client_wants_usage(exchange.req.body))
+        if isinstance(translator, OpenAIStream) and client_wants_usage(exchange.req.body):
+            # Envoy extracts the usage chunk itself (sse_to_metadata) and reports the stream
+            # in a batched access log entry; no chunk needs Python.
+            dep = exchange.dep
+            messages = exchange.req.body.get("messages")
+            prompt_estimate = (
+                tokens.count_messages(messages, dep.model) if isinstance(messages, list) else 0
+            )
+            return PassThrough(
+                {
+                    "fast_stream": True,
+                    "model": dep.model_name,
+                    "deployment": dep.id,
+                    "provider": dep.provider,
+                    "prompt_estimate": prompt_estimate,
+                }
+            )
         return StreamSession(self, exchange, translator)
+
+    def account_passthrough(
+        self,
+        deployment_id: str,
+        usage: dict[str, object] | None,
+        prompt_estimate: int,
+        status: int,
+        ttft_s: float | None,
+        duration_s: float,
+    ) -> None:
+        """Account a stream Envoy passed through, from its access log entry."""
+        state = self.state
+        dep = state.by_id.get(deployment_id)
+        if dep is None:  # removed by a reload since; its price went with it
+            return
+        if usage:
+            counted = Usage.from_openai(usage)
+        else:  # cut short before the usage chunk: only the prompt can be estimated
+            counted = Usage(prompt_tokens=prompt_estimate, estimated=True)
+        model, provider = dep.model_name, dep.provider
+        if ttft_s is not None:
+            metrics.TIME_TO_FIRST_TOKEN.labels(provider, model).observe(ttft_s)
+            if counted.completion_tokens > 1 and duration_s > ttft_s:
+                per_token = (duration_s - ttft_s) / (counted.completion_tokens - 1)
+                metrics.TIME_PER_OUTPUT_TOKEN.labels(provider, model).observe(per_token)
+        estimated = "true" if counted.estimated else "false"
+        metrics.STREAMED_TOKENS.labels(model, "input", estimated).inc(counted.prompt_tokens)
+        metrics.STREAMED_TOKENS.labels(model, "output", estimated).inc(counted.completion_tokens)
+        exchange = Exchange(
+            ClientRequest("chat", {}, b"", model, True),
+            dep,
+            adapter_for(dep.spec),
+            state.prices.get(dep.id),
+            time.monotonic() - duration_s,
+        )
+        self._account(exchange, status if usage else 499, counted, None)
 
     def handle_response(self, exchange: Exchange, status: int, body: bytes) -> ResponseAction:
         dep = exchange.dep

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import grpc
 import uvloop
+from envoy.service.accesslog.v3.als_pb2_grpc import add_AccessLogServiceServicer_to_server
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import (
     add_ExternalProcessorServicer_to_server,
 )
 
 from llmux_extproc import metrics, tokens
+from llmux_extproc.accesslog import StreamAccounting
 from llmux_extproc.config import Config, ConfigError, load_config
 from llmux_extproc.extproc import Processor
 from llmux_extproc.gateway import Gateway
@@ -73,6 +75,7 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
     reloader = Reloader(config_path, gateway)
     server = grpc.aio.server(options=grpc_options(config))
     add_ExternalProcessorServicer_to_server(Processor(gateway), server)
+    add_AccessLogServiceServicer_to_server(StreamAccounting(gateway), server)
     server.add_insecure_port(address)
     await server.start()
     # Tokenizer files take a moment to load; do it off the event loop before traffic needs it.

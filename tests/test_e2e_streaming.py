@@ -76,11 +76,9 @@ class OpenAIStreamer:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(chunk({"role": "assistant", "content": ""}))
-        delay = 0.02
-        if prompt == "slow and long":
-            delay = 0.2
+        delay = {"slow and long": 0.2, "long": 0.001}.get(prompt, 0.02)
         try:
-            for i, word in enumerate(WORDS * (20 if prompt == "slow and long" else 1)):
+            for i, word in enumerate(WORDS * (20 if prompt in ("slow and long", "long") else 1)):
                 if prompt == "die midway" and i == 3:
                     assert request.transport is not None
                     request.transport.abort()
@@ -401,3 +399,62 @@ async def _enumerate(it: Any) -> Any:
     async for item in it:
         yield n, item
         n += 1
+
+
+def _extproc_messages(gateway: Gateway) -> int:
+    stats = httpx.get(
+        f"http://127.0.0.1:{gateway.admin_port}/stats?filter=ext_proc.stream_msgs_sent"
+    ).text
+    return sum(int(line.rsplit(" ", 1)[1]) for line in stats.splitlines() if line.strip())
+
+
+def test_passthrough_with_client_usage_costs_no_python_per_chunk(
+    client: openai.OpenAI, gateway: Gateway
+) -> None:
+    before_metrics = gateway.metrics()
+    before = _extproc_messages(gateway)
+    _, chunks = collect(
+        client.chat.completions.create(
+            model="gpt",
+            messages=[{"role": "user", "content": "slow and long"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert len(chunks) > 100
+    # Request headers, request body, response headers: the chunks never reach the processor.
+    assert _extproc_messages(gateway) - before == 3
+    # Accounted from Envoy's batched access log entry, with the provider's own counts.
+    deadline = time.monotonic() + 5
+    while True:
+        after = gateway.metrics()
+        delta = _metric(
+            after, "llm_streamed_tokens_total", model="gpt", type="output", estimated="false"
+        ) - _metric(
+            before_metrics,
+            "llm_streamed_tokens_total",
+            model="gpt",
+            type="output",
+            estimated="false",
+        )
+        if delta or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert delta == 6
+    assert _metric(after, "llm_requests_total", model="gpt", status_code="200") > _metric(
+        before_metrics, "llm_requests_total", model="gpt", status_code="200"
+    )
+
+
+def test_translated_stream_messages_scale_with_chunks(
+    client: openai.OpenAI, gateway: Gateway
+) -> None:
+    before = _extproc_messages(gateway)
+    _, chunks = collect(
+        client.chat.completions.create(
+            model="gpt", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    )
+    # Without include_usage the injected usage chunk must be removed, so chunks go through Python.
+    assert _extproc_messages(gateway) - before > 3
+    assert all(c.usage is None for c in chunks)

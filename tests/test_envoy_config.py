@@ -101,6 +101,7 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     names = [f["name"] for f in hcm["http_filters"]]
     assert names == [
         "envoy.filters.http.header_mutation",
+        "envoy.filters.http.sse_to_metadata",
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.router",
     ]
@@ -109,7 +110,7 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
         {"remove": ROUTE_HEADER},
         {"remove": STREAM_HEADER},
     ]
-    ext = hcm["http_filters"][1]["typed_config"]
+    ext = hcm["http_filters"][2]["typed_config"]
     assert ext["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert ext["grpc_service"]["envoy_grpc"]["max_receive_message_length"] > 2_000_000
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
@@ -135,7 +136,10 @@ def test_one_extproc_endpoint_per_worker(tmp_path: Path) -> None:
 def test_access_log_targets(access_log: str, tmp_path: Path) -> None:
     config = parse_config(f"llmux: {{access_log: '{access_log}'}}")
     hcm = _hcm(envoy_config.bootstrap(config, RuntimePaths(tmp_path)))
+    names = [log["name"] for log in hcm["access_log"]]
+    # Stream accounting rides on the gRPC access log whatever the human-readable log does.
+    assert names[-1] == "envoy.access_loggers.http_grpc"
     if access_log == "off":
-        assert hcm["access_log"] == []
+        assert names == ["envoy.access_loggers.http_grpc"]
     else:
         assert hcm["access_log"][0]["typed_config"]["path"] == access_log

@@ -1,0 +1,67 @@
+"""Envoy's gRPC access log service: accounting for streams Envoy passed through by itself.
+
+Envoy sends the log entries of such streams (marked by the processor, usage extracted by
+Envoy's sse_to_metadata filter) in batches on a long-lived stream, so accounting them costs
+a fraction of a gRPC message per request instead of one message per chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from envoy.service.accesslog.v3 import als_pb2
+from envoy.service.accesslog.v3.als_pb2_grpc import AccessLogServiceServicer
+from google.protobuf.json_format import MessageToDict
+
+from llmux_extproc.envoy_config import METADATA_NAMESPACE, USAGE_NAMESPACE
+from llmux_extproc.gateway import Gateway
+
+log = logging.getLogger("llmux.accesslog")
+
+
+class StreamAccounting(AccessLogServiceServicer):  # type: ignore[misc]
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def StreamAccessLogs(
+        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: Any
+    ) -> als_pb2.StreamAccessLogsResponse:
+        async for message in request_iterator:
+            for entry in message.http_logs.log_entry:
+                try:
+                    self._account(entry)
+                except Exception:
+                    log.exception("could not account a stream from its access log entry")
+        return als_pb2.StreamAccessLogsResponse()
+
+    def _account(self, entry: Any) -> None:
+        common = entry.common_properties
+        metadata = common.metadata.filter_metadata
+        if METADATA_NAMESPACE not in metadata:
+            return
+        marks = metadata[METADATA_NAMESPACE].fields
+        usage = None
+        if USAGE_NAMESPACE in metadata and "usage" in metadata[USAGE_NAMESPACE].fields:
+            value = metadata[USAGE_NAMESPACE].fields["usage"]
+            kind = value.WhichOneof("kind")
+            if kind == "struct_value":
+                usage = MessageToDict(value.struct_value)
+            elif kind == "string_value":  # how sse_to_metadata stores a JSON object
+                parsed = orjson.loads(value.string_value)
+                usage = parsed if isinstance(parsed, dict) else None
+        ttft = (
+            common.time_to_first_downstream_tx_byte.ToTimedelta().total_seconds()
+            if common.HasField("time_to_first_downstream_tx_byte")
+            else None
+        )
+        self.gateway.account_passthrough(
+            deployment_id=marks["deployment"].string_value,
+            usage=usage,
+            prompt_estimate=int(marks["prompt_estimate"].number_value),
+            status=entry.response.response_code.value or 0,
+            ttft_s=ttft,
+            duration_s=common.duration.ToTimedelta().total_seconds(),
+        )
