@@ -62,6 +62,7 @@ class StreamAccounting(AccessLogServiceServicer):  # type: ignore[misc]
             usage=usage,
             prompt_estimate=int(marks["prompt_estimate"].number_value),
             status=entry.response.response_code.value or 0,
+            completed=not common.response_flags.downstream_connection_termination,
             ttft_s=ttft,
             duration_s=common.duration.ToTimedelta().total_seconds(),
         )

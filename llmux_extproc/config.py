@@ -104,6 +104,7 @@ class Settings:
     runtime_dir: str | None
     request_timeout_s: float
     stream_idle_timeout_s: float
+    stream_accounting: str  # "envoy" or "processor", for streams already in OpenAI's format
     connect_timeout_s: float
     max_request_body_bytes: int
     max_response_body_bytes: int
@@ -321,6 +322,7 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         "runtime_dir",
         "request_timeout",
         "stream_idle_timeout",
+        "stream_accounting",
         "connect_timeout",
         "max_request_body_bytes",
         "max_response_body_bytes",
@@ -347,6 +349,9 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         request_timeout_s=_positive(raw.get("request_timeout", 600), "llmux.request_timeout"),
         stream_idle_timeout_s=_positive(
             raw.get("stream_idle_timeout", 60), "llmux.stream_idle_timeout"
+        ),
+        stream_accounting=_choice(
+            raw.get("stream_accounting", "envoy"), "llmux.stream_accounting", ("envoy", "processor")
         ),
         connect_timeout_s=_positive(raw.get("connect_timeout", 10), "llmux.connect_timeout"),
         max_request_body_bytes=_int(
@@ -381,6 +386,12 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: must be a non-empty string, got {value!r}")
+    return str(value)
+
+
+def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{where}: must be one of {list(choices)}, got {value!r}")
     return str(value)
 
 

@@ -376,6 +376,49 @@ def _local_reply_config() -> dict[str, Any]:
     return {"mappers": mappers}
 
 
+# Drops the usage chunk LLMux asked an OpenAI-format provider for when the client did not
+# ask for it, so the client sees the stream it requested. Runs inside Envoy, only on streams
+# the processor marked, holding back at most one incomplete event between chunks (a client
+# discards an unterminated event at the end anyway, per the SSE spec).
+STRIP_USAGE_LUA = """
+local function complete_events(data)
+  local kept, i = {}, 1
+  while true do
+    local s, e = string.find(data, "\\n\\n", i, true)
+    if not s then break end
+    local ev = string.sub(data, i, e)
+    if not (string.find(ev, '"usage"%s*:%s*{') and string.find(ev, '"choices"%s*:%s*%[%s*%]')) then
+      kept[#kept + 1] = ev
+    end
+    i = e + 1
+  end
+  return table.concat(kept), string.sub(data, i)
+end
+
+function envoy_on_response(handle)
+  local marks = handle:streamInfo():dynamicMetadata():get("llmux")
+  if marks == nil or not marks["strip_usage"] then return end
+  local pending = ""
+  for chunk in handle:bodyChunks() do
+    local data = string.gsub(pending .. chunk:getBytes(0, chunk:length()), "\\r\\n", "\\n")
+    local out
+    out, pending = complete_events(data)
+    chunk:setBytes(out)
+  end
+end
+"""
+
+
+def _strip_usage_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": STRIP_USAGE_LUA},
+        },
+    }
+
+
 def _stream_usage_filter() -> dict[str, Any]:
     """Envoy reads `usage` from OpenAI-format SSE itself, so streams passed through untouched
     need no Python per chunk; the last `usage` seen wins (earlier chunks carry null)."""
@@ -511,6 +554,9 @@ def bootstrap(
                     },
                 },
             },
+            # Response order is the reverse: usage is read (sse_to_metadata) before it is
+            # dropped (lua).
+            _strip_usage_filter(),
             _stream_usage_filter(),
             _extproc_filter(config),
             {

@@ -202,11 +202,13 @@ class Gateway:
         if not exchange.req.stream or not 200 <= status < 300:
             return None
         translator = exchange.adapter.stream(exchange.req, exchange.dep)
-        if translator is None:  # the provider streams OpenAI's format already
-            translator = OpenAIStream(client_wants_usage(exchange.req.body))
-        if isinstance(translator, OpenAIStream) and client_wants_usage(exchange.req.body):
-            # Envoy extracts the usage chunk itself (sse_to_metadata) and reports the stream
-            # in a batched access log entry; no chunk needs Python.
+        wants_usage = client_wants_usage(exchange.req.body)
+        if translator is None and self.state.config.settings.stream_accounting == "processor":
+            translator = OpenAIStream(wants_usage)
+        if translator is None:
+            # Already OpenAI's format: Envoy passes it on by itself, reads the usage chunk
+            # (sse_to_metadata), drops it if only LLMux asked for it (Lua), and reports the
+            # stream in a batched access log entry. No chunk needs Python.
             dep = exchange.dep
             messages = exchange.req.body.get("messages")
             prompt_estimate = (
@@ -215,6 +217,7 @@ class Gateway:
             return PassThrough(
                 {
                     "fast_stream": True,
+                    "strip_usage": not wants_usage,
                     "model": dep.model_name,
                     "deployment": dep.id,
                     "provider": dep.provider,
@@ -229,6 +232,7 @@ class Gateway:
         usage: dict[str, object] | None,
         prompt_estimate: int,
         status: int,
+        completed: bool,
         ttft_s: float | None,
         duration_s: float,
     ) -> None:
@@ -239,7 +243,7 @@ class Gateway:
             return
         if usage:
             counted = Usage.from_openai(usage)
-        else:  # cut short before the usage chunk: only the prompt can be estimated
+        else:  # cut short, or a provider without a usage chunk: the prompt can be estimated
             counted = Usage(prompt_tokens=prompt_estimate, estimated=True)
         model, provider = dep.model_name, dep.provider
         if ttft_s is not None:
@@ -257,7 +261,7 @@ class Gateway:
             state.prices.get(dep.id),
             time.monotonic() - duration_s,
         )
-        self._account(exchange, status if usage else 499, counted, None)
+        self._account(exchange, status if completed else 499, counted, None)
 
     def handle_response(self, exchange: Exchange, status: int, body: bytes) -> ResponseAction:
         dep = exchange.dep

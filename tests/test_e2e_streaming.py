@@ -170,6 +170,20 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def _settle(gateway: Gateway, before: str, name: str, **labels: str) -> str:
+    """Metrics once `name` has moved: streams are accounted when Envoy's batched access log
+    entry arrives, a moment after the client saw the end."""
+    deadline = time.monotonic() + 5
+    while True:
+        after = gateway.metrics()
+        if (
+            _metric(after, name, **labels) != _metric(before, name, **labels)
+            or time.monotonic() > deadline
+        ):
+            return after
+        time.sleep(0.05)
+
+
 def collect(stream: Any) -> tuple[str, list[Any]]:
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -194,7 +208,7 @@ def test_passthrough_stream_matches_non_stream_and_is_accounted(
     # LLMux asked the upstream for usage, and dropped the usage chunk the client did not ask for.
     assert upstreams[0].last().json()["stream_options"] == {"include_usage": True}
     assert all(c.usage is None for c in chunks)
-    after = gateway.metrics()
+    after = _settle(gateway, before, "llm_token_usage_total", model="gpt", type="output")
     assert (
         _metric(after, "llm_token_usage_total", model="gpt", type="output")
         - _metric(before, "llm_token_usage_total", model="gpt", type="output")
@@ -311,9 +325,34 @@ def test_stalled_upstream_is_cut_by_the_idle_timeout(client: openai.OpenAI) -> N
     assert time.monotonic() - started < 10  # stream_idle_timeout is 1.5 s; the stall is 30 s
 
 
+@pytest.fixture(scope="module")
+def processor_gateway(
+    upstreams: tuple[MockUpstream, MockUpstream], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    config = {
+        "model_list": [
+            {
+                "model_name": "gpt",
+                "litellm_params": {
+                    "model": "openai/gpt-4o",
+                    "api_base": f"{upstreams[0].base_url}/v1",
+                    "api_key": "k",
+                },
+            }
+        ],
+        "llmux": {"stream_accounting": "processor"},
+    }
+    with running_gateway(config, tmp_path_factory.mktemp("processor")) as gw:
+        yield gw
+
+
+@pytest.mark.parametrize("mode", ["envoy", "processor"])
 def test_client_disconnect_cancels_upstream_and_is_accounted(
-    gateway: Gateway, streamer: OpenAIStreamer
+    mode: str, request: pytest.FixtureRequest, streamer: OpenAIStreamer
 ) -> None:
+    gateway: Gateway = request.getfixturevalue(
+        "gateway" if mode == "envoy" else "processor_gateway"
+    )
     before = gateway.metrics()
     streamer.closed_early.clear()
     with httpx.stream(
@@ -335,19 +374,21 @@ def test_client_disconnect_cancels_upstream_and_is_accounted(
         time.sleep(0.02)
     assert streamer.closed_early, "the upstream never saw the disconnect"
     assert streamer.closed_early[0] - left < 1.0
-    # Accounted as cut short (499), with tokens estimated from what was streamed.
-    for _ in range(50):
-        after = gateway.metrics()
-        if _metric(after, "llm_requests_total", model="gpt", status_code="499") > _metric(
-            before, "llm_requests_total", model="gpt", status_code="499"
-        ):
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the cut stream was not accounted")
-    assert _metric(
-        after, "llm_streamed_tokens_total", model="gpt", type="output", estimated="true"
-    ) > _metric(before, "llm_streamed_tokens_total", model="gpt", type="output", estimated="true")
+    # Accounted as cut short (499), with the prompt estimated with tiktoken.
+    after = _settle(gateway, before, "llm_requests_total", model="gpt", status_code="499")
+    assert (
+        _metric(after, "llm_requests_total", model="gpt", status_code="499")
+        - _metric(before, "llm_requests_total", model="gpt", status_code="499")
+        == 1
+    )
+
+    def estimated(text: str, kind: str) -> float:
+        return _metric(text, "llm_streamed_tokens_total", model="gpt", type=kind, estimated="true")
+
+    assert estimated(after, "input") > estimated(before, "input")
+    if mode == "processor":
+        # The processor saw the streamed words, so the output is counted too.
+        assert estimated(after, "output") > estimated(before, "output")
 
 
 def test_no_stream_state_leaks(gateway: Gateway) -> None:
@@ -446,15 +487,44 @@ def test_passthrough_with_client_usage_costs_no_python_per_chunk(
     )
 
 
-def test_translated_stream_messages_scale_with_chunks(
+def test_passthrough_without_client_usage_drops_the_injected_chunk_in_envoy(
+    client: openai.OpenAI, gateway: Gateway
+) -> None:
+    before_metrics = gateway.metrics()
+    before = _extproc_messages(gateway)
+    text, chunks = collect(
+        client.chat.completions.create(
+            model="gpt", messages=[{"role": "user", "content": "long"}], stream=True
+        )
+    )
+    assert text == "".join(WORDS * 20)
+    assert all(c.usage is None and c.choices for c in chunks)  # the usage chunk never arrives
+    assert _extproc_messages(gateway) - before == 3
+    deadline = time.monotonic() + 5
+    while True:
+        after = gateway.metrics()
+        delta = _metric(
+            after, "llm_streamed_tokens_total", model="gpt", type="output", estimated="false"
+        ) - _metric(
+            before_metrics,
+            "llm_streamed_tokens_total",
+            model="gpt",
+            type="output",
+            estimated="false",
+        )
+        if delta or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert delta == 6  # the provider's own count, read by Envoy before the chunk was dropped
+
+
+def test_translated_stream_goes_through_the_processor(
     client: openai.OpenAI, gateway: Gateway
 ) -> None:
     before = _extproc_messages(gateway)
-    _, chunks = collect(
+    collect(
         client.chat.completions.create(
-            model="gpt", messages=[{"role": "user", "content": "hi"}], stream=True
+            model="claude", messages=[{"role": "user", "content": "Say hello"}], stream=True
         )
     )
-    # Without include_usage the injected usage chunk must be removed, so chunks go through Python.
     assert _extproc_messages(gateway) - before > 3
-    assert all(c.usage is None for c in chunks)

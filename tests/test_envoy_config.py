@@ -101,6 +101,7 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     names = [f["name"] for f in hcm["http_filters"]]
     assert names == [
         "envoy.filters.http.header_mutation",
+        "envoy.filters.http.lua",
         "envoy.filters.http.sse_to_metadata",
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.router",
@@ -110,7 +111,7 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
         {"remove": ROUTE_HEADER},
         {"remove": STREAM_HEADER},
     ]
-    ext = hcm["http_filters"][2]["typed_config"]
+    ext = hcm["http_filters"][3]["typed_config"]
     assert ext["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert ext["grpc_service"]["envoy_grpc"]["max_receive_message_length"] > 2_000_000
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]

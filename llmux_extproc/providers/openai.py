@@ -59,9 +59,6 @@ class OpenAIAdapter(Adapter):
         usage = data.get("usage") if isinstance(data, dict) else None
         return UpstreamResult(Usage.from_openai(usage))
 
-    def stream(self, req: ClientRequest, dep: Deployment) -> StreamTranslator | None:
-        return OpenAIStream(client_wants_usage(req.body))
-
     def error(self, status: int, body: bytes, dep: Deployment) -> GatewayError:
         message = extract_message(body) or f"upstream returned HTTP {status}"
         err_type = param = code = None
@@ -81,11 +78,12 @@ ADAPTER = OpenAIAdapter()
 
 
 class OpenAIStream(StreamTranslator):
-    """An OpenAI-format stream passed through: reads usage, changes nothing else.
+    """An OpenAI-format stream passed through the processor (`stream_accounting: processor`):
+    reads usage and drops the usage chunk the client did not ask for, changes nothing else.
 
-    LLMux asks the provider for a usage chunk (`stream_options.include_usage`) so streams are
-    accounted from the provider's own counts; when the client did not ask for it, that chunk
-    is dropped on the way back so the client sees the stream it asked for.
+    The default (`stream_accounting: envoy`) does the same inside Envoy instead; this path
+    costs a gRPC message per chunk but keeps what was streamed, so a stream the client cut
+    short can still be counted with tiktoken.
     """
 
     def __init__(self, client_wants_usage: bool) -> None:
