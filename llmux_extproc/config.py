@@ -161,6 +161,17 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     return parse_config(text, str(path))
 
 
+def file_stamp(path: str | os.PathLike[str] | None) -> tuple[float, int] | None:
+    """What reload watchers compare to notice an edit (None: no file, or unreadable)."""
+    if path is None:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size)
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         raw = yaml.safe_load(text)

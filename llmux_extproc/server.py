@@ -18,7 +18,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import (
 
 from llmux_extproc import metrics, tokens
 from llmux_extproc.accesslog import StreamAccounting
-from llmux_extproc.config import Config, ConfigError, load_config
+from llmux_extproc.config import Config, ConfigError, file_stamp, load_config
 from llmux_extproc.extproc import Processor
 from llmux_extproc.gateway import Gateway
 
@@ -31,13 +31,13 @@ class Reloader:
     def __init__(self, path: str | None, gateway: Gateway) -> None:
         self.path = path
         self.gateway = gateway
-        self._stamp = _stamp(path)
+        self._stamp = file_stamp(path)
 
     def changed(self) -> bool:
-        return _stamp(self.path) != self._stamp
+        return file_stamp(self.path) != self._stamp
 
     def reload(self) -> bool:
-        self._stamp = _stamp(self.path)
+        self._stamp = file_stamp(self.path)
         try:
             config = load_config(self.path)
         except ConfigError as exc:
@@ -48,16 +48,6 @@ class Reloader:
         metrics.CONFIG_RELOADS.labels("success").inc()
         log.info("config reloaded: %d deployments", len(config.deployments))
         return True
-
-
-def _stamp(path: str | None) -> tuple[float, int] | None:
-    if path is None:
-        return None
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return (st.st_mtime, st.st_size)
 
 
 def grpc_options(config: Config) -> list[tuple[str, int]]:

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from llmux_extproc import envoy_config
-from llmux_extproc.config import Config, ConfigError, Listen, load_config
+from llmux_extproc.config import Config, ConfigError, Listen, file_stamp, load_config
 from llmux_extproc.envoy_binary import find_envoy
 from llmux_extproc.envoy_config import RuntimePaths
 
@@ -95,7 +95,7 @@ class Supervisor:
         self.workers: list[subprocess.Popen[bytes]] = []
         self.envoy: subprocess.Popen[bytes] | None = None
         self._cds_version = 0
-        self._stamp = _stamp(config_path)
+        self._stamp = file_stamp(config_path)
 
     # -- start ---------------------------------------------------------------------
 
@@ -177,7 +177,7 @@ class Supervisor:
         return status == 200 and names <= present
 
     async def maybe_reload(self) -> None:
-        stamp = _stamp(self.config_path)
+        stamp = file_stamp(self.config_path)
         if stamp == self._stamp:
             return
         self._stamp = stamp
@@ -250,16 +250,6 @@ def _check_reloadable(old: Config, new: Config) -> None:
     for name in ("listen", "admin", "metrics", "workers", "runtime_dir"):
         if getattr(old.settings, name) != getattr(new.settings, name):
             raise ConfigError(f"llmux.{name}: changing it needs a restart of llmux run")
-
-
-def _stamp(path: str | None) -> tuple[float, int] | None:
-    if path is None:
-        return None
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return (st.st_mtime, st.st_size)
 
 
 def run(config_path: str | None) -> int:
