@@ -50,6 +50,12 @@ class Reloader:
         return True
 
 
+def _needs_tokenizer(config: Config) -> bool:
+    return config.settings.stream_accounting == "processor" or any(
+        d.provider == "mock" for d in config.deployments
+    )
+
+
 def grpc_options(config: Config) -> list[tuple[str, int]]:
     limit = max(config.settings.max_request_body_bytes, config.settings.max_response_body_bytes)
     return [
@@ -68,8 +74,10 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
     add_AccessLogServiceServicer_to_server(StreamAccounting(gateway), server)
     server.add_insecure_port(address)
     await server.start()
-    # Tokenizer files take a moment to load; do it off the event loop before traffic needs it.
-    threading.Thread(target=tokens.warm_up, name="tokens-warm-up", daemon=True).start()
+    if _needs_tokenizer(config):
+        # Loading takes a few hundred ms and ~100 MB: only when this config will count with
+        # it on every request, and then off the event loop, before traffic needs it.
+        threading.Thread(target=tokens.warm_up, name="tokens-warm-up", daemon=True).start()
     log.info("ext_proc worker %d serving on %s", os.getpid(), address)
 
     loop = asyncio.get_running_loop()
