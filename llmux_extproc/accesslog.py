@@ -1,8 +1,9 @@
-"""Envoy's gRPC access log service: accounting for streams Envoy passed through by itself.
+"""Envoy's gRPC access log service: accounting for answers Envoy passed on by itself.
 
-Envoy sends the log entries of such streams (marked by the processor, usage extracted by
-Envoy's sse_to_metadata filter) in batches on a long-lived stream, so accounting them costs
-a fraction of a gRPC message per request instead of one message per chunk.
+Envoy sends the log entries of such answers (marked by the processor; usage read by Envoy's
+sse_to_metadata filter for streams and by response.lua for whole bodies) in batches on a
+long-lived stream, so accounting them costs a fraction of a gRPC message per request
+instead of a message per body or chunk.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class StreamAccounting(AccessLogServiceServicer):  # type: ignore[misc]
         )
         self.gateway.account_passthrough(
             deployment_id=marks["deployment"].string_value,
+            stream=marks["stream"].bool_value,
             usage=usage,
             prompt_estimate=int(marks["prompt_estimate"].number_value),
             status=entry.response.response_code.value or 0,

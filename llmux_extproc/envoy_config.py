@@ -15,6 +15,7 @@ upstream failures (rewritten into OpenAI's error shape by `local_reply_config`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -376,45 +377,15 @@ def _local_reply_config() -> dict[str, Any]:
     return {"mappers": mappers}
 
 
-# Drops the usage chunk LLMux asked an OpenAI-format provider for when the client did not
-# ask for it, so the client sees the stream it requested. Runs inside Envoy, only on streams
-# the processor marked, holding back at most one incomplete event between chunks (a client
-# discards an unterminated event at the end anyway, per the SSE spec).
-STRIP_USAGE_LUA = """
-local function complete_events(data)
-  local kept, i = {}, 1
-  while true do
-    local s, e = string.find(data, "\\n\\n", i, true)
-    if not s then break end
-    local ev = string.sub(data, i, e)
-    if not (string.find(ev, '"usage"%s*:%s*{') and string.find(ev, '"choices"%s*:%s*%[%s*%]')) then
-      kept[#kept + 1] = ev
-    end
-    i = e + 1
-  end
-  return table.concat(kept), string.sub(data, i)
-end
-
-function envoy_on_response(handle)
-  local marks = handle:streamInfo():dynamicMetadata():get("llmux")
-  if marks == nil or not marks["strip_usage"] then return end
-  local pending = ""
-  for chunk in handle:bodyChunks() do
-    local data = string.gsub(pending .. chunk:getBytes(0, chunk:length()), "\\r\\n", "\\n")
-    local out
-    out, pending = complete_events(data)
-    chunk:setBytes(out)
-  end
-end
-"""
-
-
-def _strip_usage_filter() -> dict[str, Any]:
+def _response_lua_filter() -> dict[str, Any]:
+    """response.lua: usage, cost headers and the dropped usage chunk for OpenAI-format
+    answers the processor handed back to Envoy (see that file)."""
+    script = resources.files("llmux_extproc").joinpath("response.lua").read_text()
     return {
         "name": "envoy.filters.http.lua",
         "typed_config": {
             _TYPE: _T + "envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": STRIP_USAGE_LUA},
+            "default_source_code": {"inline_string": script},
         },
     }
 
@@ -449,15 +420,16 @@ def _stream_usage_filter() -> dict[str, Any]:
 
 
 def _stream_accounting_log() -> dict[str, Any]:
-    """Passed-through streams are accounted from their access-log entries, which Envoy sends
-    to the workers in batches over gRPC: one message per batch, not per request or chunk."""
+    """Answers Envoy passes on by itself are accounted from their access-log entries, which
+    Envoy sends to the workers in batches over gRPC: one message per batch, not per request
+    or chunk."""
     return {
         "name": "envoy.access_loggers.http_grpc",
         "filter": {
             "metadata_filter": {
                 "matcher": {
                     "filter": METADATA_NAMESPACE,
-                    "path": [{"key": "fast_stream"}],
+                    "path": [{"key": "envoy_accounts"}],
                     "value": {"present_match": True},
                 },
                 "match_if_key_not_found": False,  # the default (True) would log every request
@@ -502,7 +474,10 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
                 "error",
             )
         },
-        "stream_usage": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:usage)%",
+        # Answers Envoy passed on by itself: usage as the provider reported it, and the cost
+        # response.lua computed for whole bodies.
+        "envoy_usage": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:usage)%",
+        "envoy_cost": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:cost)%",
     }
     if target == "stdout":
         log = {
@@ -554,9 +529,9 @@ def bootstrap(
                     },
                 },
             },
-            # Response order is the reverse: usage is read (sse_to_metadata) before it is
-            # dropped (lua).
-            _strip_usage_filter(),
+            # Response order is the reverse: a stream's usage is read (sse_to_metadata)
+            # before it is dropped (lua).
+            _response_lua_filter(),
             _stream_usage_filter(),
             _extproc_filter(config),
             {

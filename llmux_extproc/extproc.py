@@ -36,7 +36,7 @@ from llmux_extproc.gateway import (
 log = logging.getLogger("llmux.extproc")
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-# Set (in reply to the response headers) for a stream Envoy passes on by itself.
+# Set (in reply to the response headers) for an answer Envoy passes on by itself.
 _PASSTHROUGH_RESPONSE = ProcessingMode(
     response_header_mode=ProcessingMode.SEND,
     response_body_mode=ProcessingMode.NONE,
@@ -206,9 +206,15 @@ class _HttpStream:
         if handling is None:
             return _RESPONSE_HEADERS_CONTINUE
         if isinstance(handling, PassThrough):
+            model_id = {"x-litellm-model-id": self.exchange.dep.id}
             self.exchange = None
             response = pb.ProcessingResponse(
-                response_headers=pb.HeadersResponse(), dynamic_metadata=_metadata(handling.log)
+                response_headers=pb.HeadersResponse(
+                    response=pb.CommonResponse(
+                        header_mutation=pb.HeaderMutation(set_headers=_set_headers(model_id))
+                    )
+                ),
+                dynamic_metadata=_metadata(handling.log),
             )
             response.mode_override.CopyFrom(_PASSTHROUGH_RESPONSE)
             return response

@@ -196,38 +196,60 @@ class Gateway:
     def on_response_headers(
         self, exchange: Exchange, status: int
     ) -> StreamSession | PassThrough | None:
-        """How a streamed success is handled: passed through by Envoy alone when nothing in
-        it needs changing, else a session that translates and accounts it chunk by chunk.
-        None: not a streamed success; `handle_response` takes the whole body (errors too)."""
-        if not exchange.req.stream or not 200 <= status < 300:
+        """How a success is handled once its headers arrive.
+
+        OpenAI-format answers are passed on by Envoy alone (PassThrough): response.lua reads
+        their usage, adds the cost headers and, for streams, drops the usage chunk only LLMux
+        asked for; Envoy's batched access log reports them for accounting. Other streams get
+        a session that translates and accounts them chunk by chunk. None: the whole body goes
+        to `handle_response` (errors, translated whole answers).
+        """
+        if not 200 <= status < 300:
             return None
-        translator = exchange.adapter.stream(exchange.req, exchange.dep)
-        wants_usage = client_wants_usage(exchange.req.body)
+        req, dep = exchange.req, exchange.dep
+        if not req.stream:
+            if exchange.adapter.openai_format:
+                return PassThrough(self._passthrough_marks(exchange, body_usage=True))
+            return None
+        translator = exchange.adapter.stream(req, dep)
+        wants_usage = client_wants_usage(req.body)
         if translator is None and self.state.config.settings.stream_accounting == "processor":
             translator = OpenAIStream(wants_usage)
         if translator is None:
-            # Already OpenAI's format: Envoy passes it on by itself, reads the usage chunk
-            # (sse_to_metadata), drops it if only LLMux asked for it (Lua), and reports the
-            # stream in a batched access log entry. No chunk needs Python.
-            dep = exchange.dep
-            return PassThrough(
-                {
-                    "fast_stream": True,
-                    "strip_usage": not wants_usage,
-                    "model": dep.model_name,
-                    "deployment": dep.id,
-                    "provider": dep.provider,
-                    # Used only if the stream ends without the provider's counts. tiktoken
-                    # would cost ~100 MB per worker to have loaded for a rare case: the
-                    # 4-characters-a-token rule of thumb stands in, marked as estimated.
-                    "prompt_estimate": _rough_prompt_tokens(exchange.req.body.get("messages")),
-                }
-            )
+            return PassThrough(self._passthrough_marks(exchange, strip_usage=not wants_usage))
         return StreamSession(self, exchange, translator)
+
+    def _passthrough_marks(self, exchange: Exchange, **flags: bool) -> dict[str, Any]:
+        dep, price = exchange.dep, exchange.price
+        marks: dict[str, Any] = {
+            "envoy_accounts": True,
+            "stream": exchange.req.stream,
+            "model": dep.model_name,
+            "deployment": dep.id,
+            "provider": dep.provider,
+            # Used only if a stream ends without the provider's counts. tiktoken would cost
+            # ~100 MB per worker to keep loaded for that: the 4-characters-a-token rule of
+            # thumb stands in, marked as estimated.
+            "prompt_estimate": _rough_prompt_tokens(exchange.req.body.get("messages"))
+            if exchange.req.stream
+            else 0,
+            **flags,
+        }
+        if price is not None:
+            for key, value in (
+                ("price_input", price.input_cost_per_token),
+                ("price_output", price.output_cost_per_token),
+                ("price_cached", price.cache_read_input_token_cost),
+                ("price_reasoning", price.output_cost_per_reasoning_token),
+            ):
+                if value is not None:
+                    marks[key] = value
+        return marks
 
     def account_passthrough(
         self,
         deployment_id: str,
+        stream: bool,
         usage: dict[str, object] | None,
         prompt_estimate: int,
         status: int,
@@ -235,31 +257,39 @@ class Gateway:
         ttft_s: float | None,
         duration_s: float,
     ) -> None:
-        """Account a stream Envoy passed through, from its access log entry."""
+        """Account an answer Envoy passed on by itself, from its access log entry."""
         state = self.state
         dep = state.by_id.get(deployment_id)
         if dep is None:  # removed by a reload since; its price went with it
             return
-        if usage:
-            counted = Usage.from_openai(usage)
-        else:  # cut short, or a provider without a usage chunk: the prompt can be estimated
-            counted = Usage(prompt_tokens=prompt_estimate, estimated=True)
-        model, provider = dep.model_name, dep.provider
-        if ttft_s is not None:
-            metrics.TIME_TO_FIRST_TOKEN.labels(provider, model).observe(ttft_s)
-            if counted.completion_tokens > 1 and duration_s > ttft_s:
-                per_token = (duration_s - ttft_s) / (counted.completion_tokens - 1)
-                metrics.TIME_PER_OUTPUT_TOKEN.labels(provider, model).observe(per_token)
-        estimated = "true" if counted.estimated else "false"
-        metrics.STREAMED_TOKENS.labels(model, "input", estimated).inc(counted.prompt_tokens)
-        metrics.STREAMED_TOKENS.labels(model, "output", estimated).inc(counted.completion_tokens)
         exchange = Exchange(
-            ClientRequest("chat", {}, b"", model, True),
+            ClientRequest("chat", {}, b"", dep.model_name, stream),
             dep,
             adapter_for(dep.spec),
             state.prices.get(dep.id),
             time.monotonic() - duration_s,
         )
+        if status >= 400:  # response.lua found no JSON in a 2xx answer
+            metrics.UPSTREAM_ERRORS.labels(error_type(status)).inc()
+            err = GatewayError(status, "the provider returned a response that is not JSON")
+            self._account(exchange, status, None, err)
+            return
+        if usage:
+            counted = Usage.from_openai(usage)
+        else:  # cut short, or a provider without a usage chunk: the prompt can be estimated
+            counted = Usage(prompt_tokens=prompt_estimate, estimated=True)
+        if stream:
+            model, provider = dep.model_name, dep.provider
+            if ttft_s is not None:
+                metrics.TIME_TO_FIRST_TOKEN.labels(provider, model).observe(ttft_s)
+                if counted.completion_tokens > 1 and duration_s > ttft_s:
+                    per_token = (duration_s - ttft_s) / (counted.completion_tokens - 1)
+                    metrics.TIME_PER_OUTPUT_TOKEN.labels(provider, model).observe(per_token)
+            estimated = "true" if counted.estimated else "false"
+            metrics.STREAMED_TOKENS.labels(model, "input", estimated).inc(counted.prompt_tokens)
+            metrics.STREAMED_TOKENS.labels(model, "output", estimated).inc(
+                counted.completion_tokens
+            )
         self._account(exchange, status if completed else 499, counted, None)
 
     def handle_response(self, exchange: Exchange, status: int, body: bytes) -> ResponseAction:

@@ -51,4 +51,7 @@ class Usage:
 
 
 def _int(value: object) -> int:
+    if isinstance(value, float) and value.is_integer():
+        # Counts that crossed protobuf (Envoy metadata) come back as doubles.
+        return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0

@@ -167,6 +167,16 @@ class Gateway:
     def metrics(self) -> str:
         return httpx.get(f"{self.base_url}/metrics", timeout=5).text
 
+    def metrics_when(self, ready: Callable[[str], bool], timeout: float = 5) -> str:
+        """/metrics once `ready` holds: answers Envoy passes on by itself are accounted when
+        its batched access log entries arrive, a moment after the client has its answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.metrics()
+            if ready(text) or time.monotonic() > deadline:
+                return text
+            time.sleep(0.05)
+
     def write_config(self, config: dict[str, Any] | str) -> None:
         """Replace the config file; a dict keeps the listen/admin/metrics settings in use."""
         if isinstance(config, dict):

@@ -106,3 +106,76 @@ def test_spend_metric_sums_the_costs(gateway: Gateway) -> None:
     before = spend()
     costs = [call(gateway, "claude") for _ in range(3)]
     assert spend() - before == pytest.approx(sum(costs), rel=1e-9)
+
+
+def test_openai_format_cost_is_computed_in_envoy_with_the_same_arithmetic(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """OpenAI-format answers are costed by response.lua inside Envoy; it must agree with
+    pricing.cost, cached and reasoning tokens included, to the last digit that matters."""
+    from aiohttp import web
+
+    from tests.harness import json_response
+
+    usage = {
+        "prompt_tokens": 1200,
+        "completion_tokens": 300,
+        "total_tokens": 1500,
+        "prompt_tokens_details": {"cached_tokens": 1024},
+        "completion_tokens_details": {"reasoning_tokens": 200},
+    }
+
+    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
+        return json_response(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "o3-mini",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "hi"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage,
+            }
+        )
+
+    upstream = MockUpstream(handler).start()
+    config = {
+        "model_list": [
+            {
+                "model_name": "o3",
+                "litellm_params": {
+                    "model": "openai/o3-mini",
+                    "api_base": f"{upstream.base_url}/v1",
+                    "api_key": "k",
+                },
+            }
+        ]
+    }
+    try:
+        with running_gateway(config, tmp_path_factory.mktemp("lua-cost")) as gw:
+            client = openai.OpenAI(base_url=gw.openai_base, api_key="x", max_retries=0)
+            raw = client.chat.completions.with_raw_response.create(
+                model="o3", messages=[{"role": "user", "content": "hi"}]
+            )
+            price = pricing.lookup("o3-mini", "openai")
+            assert price is not None and price.cache_read_input_token_cost is not None
+            from llmux_extproc.usage import Usage
+
+            expected = pricing.cost(price, Usage.from_openai(usage))
+            assert expected > 0
+            assert float(raw.headers["x-llmux-response-cost"]) == pytest.approx(expected, rel=1e-12)
+            # The spend metric is fed from the same answer through Envoy's access log.
+            text = gw.metrics_when(lambda m: 'llm_spend_total{model="o3"' in m)
+            spend = next(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith('llm_spend_total{model="o3"')
+            )
+            assert spend == pytest.approx(expected, rel=1e-9)
+    finally:
+        upstream.stop()

@@ -193,10 +193,14 @@ def collect(stream: Any) -> tuple[str, list[Any]]:
 def test_passthrough_stream_matches_non_stream_and_is_accounted(
     client: openai.OpenAI, gateway: Gateway, upstreams: tuple[MockUpstream, MockUpstream]
 ) -> None:
+    answered = _metric(gateway.metrics(), "llm_requests_total", model="gpt", status_code="200")
     whole = client.chat.completions.create(
         model="gpt", messages=[{"role": "user", "content": "hi"}]
     )
-    before = gateway.metrics()
+    # Wait until that answer is accounted, so only the stream below moves the figures.
+    before = gateway.metrics_when(
+        lambda m: _metric(m, "llm_requests_total", model="gpt", status_code="200") > answered
+    )
     text, chunks = collect(
         client.chat.completions.create(
             model="gpt", messages=[{"role": "user", "content": "hi"}], stream=True

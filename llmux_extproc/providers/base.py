@@ -65,6 +65,9 @@ class Adapter:
     """Base adapter: operations a provider lacks answer 400, naming the operation."""
 
     name = "base"
+    # True when the provider answers in OpenAI's format already: Envoy then passes successful
+    # answers on by itself and reads their usage (see response.lua).
+    openai_format = False
 
     def ready(self, dep: Deployment) -> bool:
         """Cheap check, on every request: can `request` sign/authorize right now?"""

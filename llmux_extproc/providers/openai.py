@@ -31,6 +31,7 @@ _PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 
 class OpenAIAdapter(Adapter):
     name = "openai"
+    openai_format = True
 
     def request(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
         assert dep.upstream is not None
