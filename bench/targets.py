@@ -1,0 +1,406 @@
+"""The systems under test and the mock upstreams, as processes the runner starts and stops.
+
+Every target serves the same five kinds of request; `Target.request(kind)` gives the path
+and body a client sends it. Gateways (LLMux, LiteLLM) get OpenAI-shaped requests naming a
+model alias; bare Envoy gets what the provider itself would receive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from bench import mock_upstream
+from bench.loadgen import build_request
+from bench.procstats import Proc, cmdline, descendants
+from llmux_extproc.envoy_binary import find_envoy
+
+KINDS = ("openai", "anthropic", "openai_stream", "anthropic_stream")
+HOLD = "hold"
+KIND_LABELS = {
+    "openai": "non-streaming, OpenAI provider",
+    "anthropic": "non-streaming, translated (Anthropic)",
+    "openai_stream": "streaming passthrough (OpenAI)",
+    "anthropic_stream": "streaming translated (Anthropic)",
+    HOLD: "held open streams",
+}
+ALIASES = {
+    "openai": "bench-openai",
+    "anthropic": "bench-anthropic",
+    "openai_stream": "bench-openai-stream",
+    "anthropic_stream": "bench-anthropic-stream",
+    HOLD: "bench-hold",
+}
+STREAMING = {"openai_stream", "anthropic_stream", HOLD}
+PROMPT = "Write one short sentence about load testing."
+ROOT = Path(__file__).resolve().parent.parent
+MASTER_KEY = "sk-bench-master-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def openai_body(model: str, stream: bool) -> bytes:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": PROMPT},
+        ],
+        "max_tokens": 64,
+        "temperature": 0,
+    }
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return orjson.dumps(body)
+
+
+def anthropic_body(stream: bool) -> bytes:
+    body: dict[str, Any] = {
+        "model": mock_upstream.MODEL_ANTHROPIC,
+        "max_tokens": 64,
+        "system": "You are a terse assistant.",
+        "messages": [{"role": "user", "content": PROMPT}],
+    }
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
+
+
+def post(
+    port: int, path: str, body: bytes, timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body, {"content-type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_until_200(
+    proc: subprocess.Popen[bytes],
+    port: int,
+    path: str,
+    body: bytes,
+    timeout: float,
+    what: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if post(port, path, body, timeout=2, headers=headers)[0] == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: no 200 within {timeout:.0f}s")
+        time.sleep(0.005)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Upstreams:
+    """The Envoy mock provider and the hold server, shared by every target of a run."""
+
+    workdir: Path
+    ports: dict[str, int] = field(
+        default_factory=lambda: {kind: free_port() for kind in mock_upstream.ANSWERS}
+    )
+    admin_port: int = field(default_factory=free_port)
+    hold_port: int = field(default_factory=free_port)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def all_ports(self) -> dict[str, int]:
+        return {**self.ports, HOLD: self.hold_port}
+
+    def start(self) -> None:
+        cfg = self.workdir / "mock-envoy.json"
+        cfg.write_bytes(orjson.dumps(mock_upstream.mock_config(self.ports, self.admin_port)))
+        log = (self.workdir / "mock-envoy.log").open("wb")
+        envoy = subprocess.Popen(
+            [find_envoy(), "-c", str(cfg), "--disable-hot-restart", "--log-level", "warning"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.procs.append(envoy)
+        hold_log = (self.workdir / "hold-server.log").open("wb")
+        hold = subprocess.Popen(
+            [sys.executable, "-m", "bench.hold_server", "--port", str(self.hold_port)],
+            stdout=hold_log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        self.procs.append(hold)
+        for port in self.ports.values():
+            wait_until_200(envoy, port, "/v1/chat/completions", b"{}", 20, "mock upstream Envoy")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.hold_port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or hold.poll() is not None:
+                    raise RuntimeError("hold server did not start") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop_process(proc)
+        self.procs.clear()
+
+    def model_list(self) -> list[dict[str, Any]]:
+        """LiteLLM-style deployments for every kind, pointed at the mocks."""
+        base = {k: f"http://127.0.0.1:{p}" for k, p in self.all_ports.items()}
+        openai = {"model": f"openai/{mock_upstream.MODEL_OPENAI}", "api_key": "sk-bench"}
+        anthropic = {
+            "model": f"anthropic/{mock_upstream.MODEL_ANTHROPIC}",
+            "api_key": "sk-ant-bench",
+        }
+        params = {
+            "openai": {**openai, "api_base": base["openai"] + "/v1"},
+            "openai_stream": {**openai, "api_base": base["openai_stream"] + "/v1"},
+            "anthropic": {**anthropic, "api_base": base["anthropic"]},
+            "anthropic_stream": {**anthropic, "api_base": base["anthropic_stream"]},
+            HOLD: {**openai, "api_base": base[HOLD] + "/v1"},
+        }
+        return [{"model_name": ALIASES[k], "litellm_params": p} for k, p in params.items()]
+
+
+class Target:
+    """A system under test: started fresh for each repetition, so cold start and peak RSS
+    are measured per repetition too."""
+
+    name = "target"
+    label = "target"
+    gateway = True  # OpenAI-shaped requests with model aliases
+
+    def __init__(self, upstreams: Upstreams, workdir: Path) -> None:
+        self.upstreams = upstreams
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.processes: list[Proc] = []
+
+    # -- what to send --------------------------------------------------------------
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Gateways run with a master key, as in production; clients send it."""
+        return {"Authorization": f"Bearer {MASTER_KEY}"} if self.gateway else {}
+
+    def raw_request(self, kind: str) -> bytes:
+        path, body = self.request(kind)
+        return build_request(path, body, headers=self.headers)
+
+    def request(self, kind: str) -> tuple[str, bytes]:
+        stream = kind in STREAMING
+        if self.gateway:
+            return "/v1/chat/completions", openai_body(ALIASES[kind], stream)
+        if kind == HOLD:
+            return "/hold/v1/chat/completions", openai_body(mock_upstream.MODEL_OPENAI, True)
+        prefix = "/stream" if stream else ""
+        if kind.startswith("anthropic"):
+            return f"{prefix}/v1/messages", anthropic_body(stream)
+        return f"{prefix}/v1/chat/completions", openai_body(mock_upstream.MODEL_OPENAI, stream)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 60) -> float:
+        """Start the target; seconds from spawn until the first 200 on a chat completion."""
+        cmd, env = self.command()
+        log = (self.workdir / f"{self.name}.log").open("ab")
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=ROOT
+        )
+        path, body = self.request("openai")
+        wait_until_200(self.proc, self.port, path, body, timeout, self.label, self.headers)
+        cold = time.perf_counter() - started
+        self.processes = self.discover()
+        return cold
+
+    def discover(self) -> list[Proc]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        path = self.workdir / f"{self.name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+class BareEnvoy(Target):
+    name = "bare"
+    label = "bare Envoy"
+    gateway = False
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        admin = free_port()
+        config = mock_upstream.bare_proxy_config(self.port, admin, self.upstreams.all_ports)
+        path = self.workdir / "bare-envoy.json"
+        path.write_bytes(orjson.dumps(config))
+        cmd = [find_envoy(), "-c", str(path), "--disable-hot-restart", "--log-level", "warning"]
+        return cmd, {}
+
+    def discover(self) -> list[Proc]:
+        assert self.proc is not None
+        return [Proc(self.proc.pid, "envoy")]
+
+
+class LLMux(Target):
+    label = "LLMux"
+
+    def __init__(
+        self, upstreams: Upstreams, workdir: Path, workers: int, access_log: str = "off"
+    ) -> None:
+        super().__init__(upstreams, workdir)
+        self.workers = workers
+        self.access_log = access_log
+        self.name = f"llmux-w{workers}"
+        self.label = f"LLMux workers={workers}"
+
+    def config(self) -> dict[str, Any]:
+        runtime = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self.workdir))
+        return {
+            "model_list": self.upstreams.model_list(),
+            "general_settings": {"master_key": MASTER_KEY},
+            "llmux": {
+                "listen": f"127.0.0.1:{self.port}",
+                "admin": f"127.0.0.1:{free_port()}",
+                "metrics": f"127.0.0.1:{free_port()}",
+                "workers": self.workers,
+                "runtime_dir": str(runtime),
+                "access_log": self.access_log,
+            },
+        }
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        path = self.workdir / f"{self.name}.yaml"
+        path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        llmux = Path(sys.executable).parent / "llmux"
+        exe = [str(llmux)] if llmux.exists() else [sys.executable, "-m", "llmux_extproc"]
+        return [*exe, "run", "--config", str(path)], {}
+
+    def discover(self) -> list[Proc]:
+        assert self.proc is not None
+        procs = [Proc(self.proc.pid, "supervisor")]
+        for pid in descendants(self.proc.pid):
+            args = cmdline(pid)
+            if args and Path(args[0]).name == "envoy":
+                procs.append(Proc(pid, "envoy"))
+            elif "extproc" in args:
+                procs.append(Proc(pid, "extproc"))
+            else:
+                procs.append(Proc(pid, "other"))
+        return procs
+
+
+LITELLM_VENV = ROOT / "bench" / ".litellm-venv"
+
+
+def ensure_litellm(install: bool) -> Path | None:
+    """bench/.litellm-venv with `litellm[proxy]`; created on first use."""
+    exe = LITELLM_VENV / "bin" / "litellm"
+    if exe.exists() or not install:
+        return exe if exe.exists() else None
+    subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+    pip = str(LITELLM_VENV / "bin" / "pip")
+    subprocess.run([pip, "install", "--quiet", "--upgrade", "pip"], check=True)
+    subprocess.run([pip, "install", "--quiet", "litellm[proxy]"], check=True)
+    return exe if exe.exists() else None
+
+
+def litellm_version() -> str:
+    out = subprocess.run(
+        [
+            str(LITELLM_VENV / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m;print(m.version('litellm'))",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip() or "unknown"
+
+
+class LiteLLM(Target):
+    name = "litellm"
+    label = "LiteLLM proxy"
+
+    def __init__(self, upstreams: Upstreams, workdir: Path, workers: int) -> None:
+        super().__init__(upstreams, workdir)
+        self.workers = workers
+        self.label = f"LiteLLM workers={workers}"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        config = {
+            "model_list": self.upstreams.model_list(),
+            # Production settings from LiteLLM's docs, minus the database (none here).
+            "litellm_settings": {"set_verbose": False, "request_timeout": 600},
+            "general_settings": {
+                "master_key": MASTER_KEY,
+                "disable_spend_logs": True,
+                "disable_error_logs": True,
+            },
+        }
+        path = self.workdir / "litellm.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        exe = LITELLM_VENV / "bin" / "litellm"
+        cmd = [
+            str(exe),
+            "--config",
+            str(path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--num_workers",
+            str(self.workers),
+        ]
+        env = {"LITELLM_LOG": "ERROR", "PYTHONUNBUFFERED": "1"}
+        return cmd, env
+
+    def start(self, timeout: float = 180) -> float:
+        return super().start(timeout)
+
+    def discover(self) -> list[Proc]:
+        assert self.proc is not None
+        procs = [Proc(self.proc.pid, "litellm")]
+        procs += [Proc(pid, "litellm") for pid in descendants(self.proc.pid)]
+        return procs
