@@ -2,14 +2,14 @@
 
 `Gateway.on_headers` authenticates and answers what needs no body (model list, errors);
 `Gateway.on_body` turns the request body into either an immediate answer (error, mock
-completion) or a `Forward` (cluster, path, headers, body for the
-chosen deployment). `Gateway.handle_response` turns the provider's answer into the client's,
-and accounts tokens, cost and metrics. The ext_proc layer only carries these in and out.
+completion) or a `Forward` (cluster, path, headers, body for the chosen deployment).
+`Gateway.on_response_headers` decides who handles the answer: Envoy alone (`PassThrough`,
+accounted later by `account_passthrough`), a `StreamSession` chunk by chunk, or
+`handle_response` with the whole body. The ext_proc layer only carries these in and out.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,8 +32,6 @@ from llmux_extproc.providers.openai import OpenAIStream, client_wants_usage
 from llmux_extproc.providers.registry import adapter_for
 from llmux_extproc.router import Router
 from llmux_extproc.usage import Usage
-
-log = logging.getLogger("llmux.gateway")
 
 OPERATIONS = {
     "/v1/chat/completions": "chat",
@@ -89,7 +87,8 @@ class ResponseAction:
 
 @dataclass(slots=True)
 class PassThrough:
-    """A stream Envoy passes on untouched; `log` marks it for accounting from its log entry."""
+    """An answer Envoy passes on by itself; `log` marks it for response.lua and for
+    accounting from its access log entry."""
 
     log: dict[str, Any]
 
