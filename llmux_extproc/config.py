@@ -34,18 +34,20 @@ class Upstream:
     port: int
     base_path: str
 
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "https"
+    # Derived once: read on every request.
+    tls: bool = field(init=False)
+    cluster: str = field(init=False)
+    authority: str = field(init=False)
 
-    @property
-    def cluster(self) -> str:
-        return f"llm_{self.host.replace(':', '_')}_{self.port}{'_tls' if self.tls else ''}"
-
-    @property
-    def authority(self) -> str:
-        default = 443 if self.tls else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        tls = self.scheme == "https"
+        default = 443 if tls else 80
+        object.__setattr__(self, "tls", tls)
+        object.__setattr__(
+            self, "cluster", f"llm_{self.host.replace(':', '_')}_{self.port}{'_tls' if tls else ''}"
+        )
+        authority = self.host if self.port == default else f"{self.host}:{self.port}"
+        object.__setattr__(self, "authority", authority)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,10 @@ class Config:
 
     @property
     def upstreams(self) -> list[Upstream]:
-        return list(dict.fromkeys(d.upstream for d in self.deployments if d.upstream))
+        """One per Envoy cluster: deployments on one host and port share it, whatever their
+        base paths (the path is set per request)."""
+        by_cluster = {d.upstream.cluster: d.upstream for d in self.deployments if d.upstream}
+        return list(by_cluster.values())
 
 
 SUPPORTED_ROUTING = {"simple-shuffle"}

@@ -183,3 +183,17 @@ def test_invalid_configs_name_the_field(text: str, message: str) -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_deployments_on_one_host_share_a_cluster_whatever_their_paths() -> None:
+    config = parse_config(
+        """
+model_list:
+  - {model_name: a, litellm_params: {model: hosted_vllm/a, api_base: "http://10.0.0.5:8000/v1"}}
+  - {model_name: b, litellm_params: {model: hosted_vllm/b, api_base: "http://10.0.0.5:8000/other/v1"}}
+"""
+    )
+    assert [u.cluster for u in config.upstreams] == ["llm_10.0.0.5_8000"]
+    a, b = config.deployments
+    assert a.upstream is not None and b.upstream is not None
+    assert (a.upstream.base_path, b.upstream.base_path) == ("/v1", "/other/v1")
