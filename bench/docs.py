@@ -81,8 +81,9 @@ ANALYSIS_END = "<!-- analysis:end -->"
 
 def figures(data: dict[str, Any]) -> str:
     res = Results(data)
+    has_llmux = any(t.startswith("llmux") for t in res.gateways())
     parts = [
-        "### Against the targets\n\n" + targets_table(res),
+        "### Against the targets\n\n" + targets_table(res) if has_llmux else "",
         "### What each target serves\n\n" + availability_table(res),
         "### Closed-loop maximum throughput (req/s)\n\n" + throughput_table(res),
         "### Latency at fixed offered rates (open loop, Poisson arrivals)\n\n"
@@ -101,7 +102,7 @@ def figures(data: dict[str, Any]) -> str:
         + "\n\n"
         + open_loop_health_table(res),
     ]
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(p for p in parts if p) + "\n"
 
 
 def environment_table(env: dict[str, Any]) -> str:
