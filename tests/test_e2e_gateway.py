@@ -497,7 +497,12 @@ def test_hot_reload_add_remove_and_reject_while_serving(
                 ]
                 gw.write_config(added)
                 await loop.run_in_executor(None, gw.wait_for_log, "config reloaded")
-                await _eventually(lambda: "new-model" in [m.id for m in client.models.list()])
+                # Each worker reloads on its own signal: ask often enough to reach both.
+                await _eventually(
+                    lambda: all(
+                        "new-model" in [m.id for m in client.models.list()] for _ in range(8)
+                    )
+                )
                 completion = await loop.run_in_executor(
                     None,
                     lambda: client.chat.completions.create(
@@ -515,7 +520,13 @@ def test_hot_reload_add_remove_and_reject_while_serving(
                 assert "new-model" in [m.id for m in client.models.list()]
                 # 3. remove the model again
                 gw.write_config(config)
-                await _eventually(lambda: "new-model" not in [m.id for m in client.models.list()])
+
+                def gone_everywhere() -> bool:
+                    return all(
+                        "new-model" not in [m.id for m in client.models.list()] for _ in range(8)
+                    )
+
+                await _eventually(gone_everywhere)
                 with pytest.raises(openai.NotFoundError):
                     client.chat.completions.create(
                         model="new-model", messages=[{"role": "user", "content": "x"}]
