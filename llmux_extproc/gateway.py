@@ -101,6 +101,8 @@ class State:
         self.by_id = {d.id: d for d in config.deployments}
         self.router = Router(config)
         self.prices = {d.id: _price_for(d) for d in config.deployments}
+        # What response.lua needs to cost an answer, per deployment, built once.
+        self.price_marks = {dep_id: _price_marks(p) for dep_id, p in self.prices.items() if p}
         self.known_models = set(config.model_names)
         created = int(time.time())
         self.model_list = orjson.dumps(
@@ -119,6 +121,16 @@ def _price_for(dep: Deployment) -> pricing.ModelPrice | None:
     if PRICE_KEYS & dep.params.keys():  # per-deployment prices, as in LiteLLM
         price = (price or pricing.ModelPrice.from_entry({})).with_overrides(dep.params)
     return price
+
+
+def _price_marks(price: pricing.ModelPrice) -> dict[str, float]:
+    marks = {
+        "price_input": price.input_cost_per_token,
+        "price_output": price.output_cost_per_token,
+        "price_cached": price.cache_read_input_token_cost,
+        "price_reasoning": price.output_cost_per_reasoning_token,
+    }
+    return {key: value for key, value in marks.items() if value is not None}
 
 
 class Gateway:
@@ -219,8 +231,9 @@ class Gateway:
         return StreamSession(self, exchange, translator)
 
     def _passthrough_marks(self, exchange: Exchange, **flags: bool) -> dict[str, Any]:
-        dep, price = exchange.dep, exchange.price
+        dep = exchange.dep
         marks: dict[str, Any] = {
+            **self.state.price_marks.get(dep.id, {}),
             "envoy_accounts": True,
             "stream": exchange.req.stream,
             "model": dep.model_name,
@@ -234,15 +247,6 @@ class Gateway:
             else 0,
             **flags,
         }
-        if price is not None:
-            for key, value in (
-                ("price_input", price.input_cost_per_token),
-                ("price_output", price.output_cost_per_token),
-                ("price_cached", price.cache_read_input_token_cost),
-                ("price_reasoning", price.output_cost_per_reasoning_token),
-            ):
-                if value is not None:
-                    marks[key] = value
         return marks
 
     def account_passthrough(

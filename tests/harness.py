@@ -29,6 +29,17 @@ from aiohttp import web
 Handler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` in Prometheus text whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,6 +20,7 @@ from tests.harness import (
     Gateway,
     MockUpstream,
     json_response,
+    metric,
     openai_chat_completion,
     running_gateway,
 )
@@ -371,16 +372,6 @@ def test_upstream_timeout_is_504(gateway: Gateway) -> None:
 # -- metrics and logs -----------------------------------------------------------------------
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_metrics_count_requests_tokens_and_errors(client: openai.OpenAI, gateway: Gateway) -> None:
     before = gateway.metrics()
     for i in range(3):
@@ -391,15 +382,15 @@ def test_metrics_count_requests_tokens_and_errors(client: openai.OpenAI, gateway
         client.chat.completions.create(
             model="gpt-test", messages=[{"role": "user", "content": "please fail 429"}]
         )
-    ok_before = _metric(before, "llm_requests_total", model="gpt-test", status_code="200")
+    ok_before = metric(before, "llm_requests_total", model="gpt-test", status_code="200")
     after = gateway.metrics_when(
         lambda m: (
-            _metric(m, "llm_requests_total", model="gpt-test", status_code="200") >= ok_before + 3
+            metric(m, "llm_requests_total", model="gpt-test", status_code="200") >= ok_before + 3
         )
     )
 
     def delta(name: str, **labels: str) -> float:
-        return _metric(after, name, **labels) - _metric(before, name, **labels)
+        return metric(after, name, **labels) - metric(before, name, **labels)
 
     assert delta("llm_requests_total", model="gpt-test", status_code="200") == 3
     assert delta("llm_requests_total", model="gpt-test", status_code="429") == 1
@@ -544,8 +535,8 @@ def test_hot_reload_add_remove_and_reject_while_serving(
         assert calls > 10
         assert failures == []
         metrics = gw.metrics()
-        assert _metric(metrics, "llmux_config_reloads_total", result="error") >= 1
-        assert _metric(metrics, "llmux_config_reloads_total", result="success") >= 2
+        assert metric(metrics, "llmux_config_reloads_total", result="error") >= 1
+        assert metric(metrics, "llmux_config_reloads_total", result="success") >= 2
 
 
 async def _eventually(check: Any, limit_s: float = 10) -> None:

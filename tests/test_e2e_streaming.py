@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.harness import Gateway, MockUpstream, json_response, running_gateway
+from tests.harness import Gateway, MockUpstream, json_response, metric, running_gateway
 from tests.mock_anthropic import API_KEY as ANTHROPIC_KEY
 from tests.mock_anthropic import AnthropicMock
 
@@ -162,28 +162,6 @@ def client(gateway: Gateway) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.openai_base, api_key="x", max_retries=0, timeout=20)
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def _settle(gateway: Gateway, before: str, name: str, **labels: str) -> str:
-    """Metrics once `name` has moved: streams are accounted when Envoy's batched access log
-    entry arrives, a moment after the client saw the end."""
-    deadline = time.monotonic() + 5
-    while True:
-        after = gateway.metrics()
-        if (
-            _metric(after, name, **labels) != _metric(before, name, **labels)
-            or time.monotonic() > deadline
-        ):
-            return after
-        time.sleep(0.05)
-
-
 def collect(stream: Any) -> tuple[str, list[Any]]:
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -193,13 +171,13 @@ def collect(stream: Any) -> tuple[str, list[Any]]:
 def test_passthrough_stream_matches_non_stream_and_is_accounted(
     client: openai.OpenAI, gateway: Gateway, upstreams: tuple[MockUpstream, MockUpstream]
 ) -> None:
-    answered = _metric(gateway.metrics(), "llm_requests_total", model="gpt", status_code="200")
+    answered = metric(gateway.metrics(), "llm_requests_total", model="gpt", status_code="200")
     whole = client.chat.completions.create(
         model="gpt", messages=[{"role": "user", "content": "hi"}]
     )
     # Wait until that answer is accounted, so only the stream below moves the figures.
     before = gateway.metrics_when(
-        lambda m: _metric(m, "llm_requests_total", model="gpt", status_code="200") > answered
+        lambda m: metric(m, "llm_requests_total", model="gpt", status_code="200") > answered
     )
     text, chunks = collect(
         client.chat.completions.create(
@@ -212,18 +190,23 @@ def test_passthrough_stream_matches_non_stream_and_is_accounted(
     # LLMux asked the upstream for usage, and dropped the usage chunk the client did not ask for.
     assert upstreams[0].last().json()["stream_options"] == {"include_usage": True}
     assert all(c.usage is None for c in chunks)
-    after = _settle(gateway, before, "llm_token_usage_total", model="gpt", type="output")
+    after = gateway.metrics_when(
+        lambda m: (
+            metric(m, "llm_token_usage_total", model="gpt", type="output")
+            != metric(before, "llm_token_usage_total", model="gpt", type="output")
+        )
+    )
     assert (
-        _metric(after, "llm_token_usage_total", model="gpt", type="output")
-        - _metric(before, "llm_token_usage_total", model="gpt", type="output")
+        metric(after, "llm_token_usage_total", model="gpt", type="output")
+        - metric(before, "llm_token_usage_total", model="gpt", type="output")
         == 6
     )
     assert (
-        _metric(after, "llm_streamed_tokens_total", model="gpt", type="input", estimated="false")
-        - _metric(before, "llm_streamed_tokens_total", model="gpt", type="input", estimated="false")
+        metric(after, "llm_streamed_tokens_total", model="gpt", type="input", estimated="false")
+        - metric(before, "llm_streamed_tokens_total", model="gpt", type="input", estimated="false")
         == 12
     )
-    assert _metric(after, "llm_time_to_first_token_seconds_count", model="gpt") > _metric(
+    assert metric(after, "llm_time_to_first_token_seconds_count", model="gpt") > metric(
         before, "llm_time_to_first_token_seconds_count", model="gpt"
     )
 
@@ -379,15 +362,20 @@ def test_client_disconnect_cancels_upstream_and_is_accounted(
     assert streamer.closed_early, "the upstream never saw the disconnect"
     assert streamer.closed_early[0] - left < 1.0
     # Accounted as cut short (499), with the prompt estimated with tiktoken.
-    after = _settle(gateway, before, "llm_requests_total", model="gpt", status_code="499")
+    after = gateway.metrics_when(
+        lambda m: (
+            metric(m, "llm_requests_total", model="gpt", status_code="499")
+            != metric(before, "llm_requests_total", model="gpt", status_code="499")
+        )
+    )
     assert (
-        _metric(after, "llm_requests_total", model="gpt", status_code="499")
-        - _metric(before, "llm_requests_total", model="gpt", status_code="499")
+        metric(after, "llm_requests_total", model="gpt", status_code="499")
+        - metric(before, "llm_requests_total", model="gpt", status_code="499")
         == 1
     )
 
     def estimated(text: str, kind: str) -> float:
-        return _metric(text, "llm_streamed_tokens_total", model="gpt", type=kind, estimated="true")
+        return metric(text, "llm_streamed_tokens_total", model="gpt", type=kind, estimated="true")
 
     assert estimated(after, "input") > estimated(before, "input")
     if mode == "processor":
@@ -415,7 +403,7 @@ def test_no_stream_state_leaks(gateway: Gateway) -> None:
         time.sleep(2.5)  # the task gauge is sampled each second
         metrics = gateway.metrics()
         rss = sum(_rss_kib(pid) for pid in _worker_pids(gateway))
-        return _metric(metrics, "llmux_open_streams"), _metric(metrics, "llmux_asyncio_tasks"), rss
+        return metric(metrics, "llmux_open_streams"), metric(metrics, "llmux_asyncio_tasks"), rss
 
     asyncio.run(main(100))  # warm up: tokenizer, connection pools, caches
     _, tasks_before, rss_before = settled()
@@ -471,12 +459,17 @@ def test_passthrough_with_client_usage_costs_no_python_per_chunk(
     assert _extproc_messages(gateway) - before == 3
     # Accounted from Envoy's batched access log entry, with the provider's own counts.
     labels = {"model": "gpt", "type": "output", "estimated": "false"}
-    after = _settle(gateway, before_metrics, "llm_streamed_tokens_total", **labels)
-    delta = _metric(after, "llm_streamed_tokens_total", **labels) - _metric(
+    after = gateway.metrics_when(
+        lambda m: (
+            metric(m, "llm_streamed_tokens_total", **labels)
+            != metric(before_metrics, "llm_streamed_tokens_total", **labels)
+        )
+    )
+    delta = metric(after, "llm_streamed_tokens_total", **labels) - metric(
         before_metrics, "llm_streamed_tokens_total", **labels
     )
     assert delta == 6
-    assert _metric(after, "llm_requests_total", model="gpt", status_code="200") > _metric(
+    assert metric(after, "llm_requests_total", model="gpt", status_code="200") > metric(
         before_metrics, "llm_requests_total", model="gpt", status_code="200"
     )
 
@@ -495,8 +488,13 @@ def test_passthrough_without_client_usage_drops_the_injected_chunk_in_envoy(
     assert all(c.usage is None and c.choices for c in chunks)  # the usage chunk never arrives
     assert _extproc_messages(gateway) - before == 3
     labels = {"model": "gpt", "type": "output", "estimated": "false"}
-    after = _settle(gateway, before_metrics, "llm_streamed_tokens_total", **labels)
-    delta = _metric(after, "llm_streamed_tokens_total", **labels) - _metric(
+    after = gateway.metrics_when(
+        lambda m: (
+            metric(m, "llm_streamed_tokens_total", **labels)
+            != metric(before_metrics, "llm_streamed_tokens_total", **labels)
+        )
+    )
+    delta = metric(after, "llm_streamed_tokens_total", **labels) - metric(
         before_metrics, "llm_streamed_tokens_total", **labels
     )
     assert delta == 6  # the provider's own count, read by Envoy before the chunk was dropped
