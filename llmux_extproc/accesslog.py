@@ -8,6 +8,7 @@ instead of a message per body or chunk.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,8 +17,8 @@ import orjson
 from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.accesslog.v3.als_pb2_grpc import AccessLogServiceServicer
 
-from llmux_extproc.envoy_config import METADATA_NAMESPACE, USAGE_NAMESPACE
-from llmux_extproc.gateway import Gateway
+from llmux_extproc.envoy_config import METADATA_NAMESPACE, STREAM_NAMESPACE, USAGE_NAMESPACE
+from llmux_extproc.gateway import CutShort, Gateway
 
 log = logging.getLogger("llmux.accesslog")
 
@@ -41,8 +42,15 @@ class StreamAccounting(AccessLogServiceServicer):  # type: ignore[misc]
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in request_iterator:
             for entry in message.http_logs.log_entry:
+                metadata = entry.common_properties.metadata.filter_metadata
+                if METADATA_NAMESPACE not in metadata:
+                    continue
                 try:
-                    self._account(entry)
+                    if STREAM_NAMESPACE in metadata and not _has_usage(metadata):
+                        # Counted with tiktoken: off the event loop (tiktoken frees the GIL).
+                        await asyncio.to_thread(self._account, entry)
+                    else:
+                        self._account(entry)
                 except Exception:
                     log.exception("could not account a stream from its access log entry")
         return als_pb2.StreamAccessLogsResponse()
@@ -50,11 +58,9 @@ class StreamAccounting(AccessLogServiceServicer):  # type: ignore[misc]
     def _account(self, entry: Any) -> None:
         common = entry.common_properties
         metadata = common.metadata.filter_metadata
-        if METADATA_NAMESPACE not in metadata:
-            return
         marks = metadata[METADATA_NAMESPACE].fields
         usage = None
-        if USAGE_NAMESPACE in metadata and "usage" in metadata[USAGE_NAMESPACE].fields:
+        if _has_usage(metadata):
             value = metadata[USAGE_NAMESPACE].fields["usage"]
             kind = value.WhichOneof("kind")
             if kind == "struct_value":
@@ -71,9 +77,25 @@ class StreamAccounting(AccessLogServiceServicer):  # type: ignore[misc]
             deployment_id=marks["deployment"].string_value,
             stream=marks["stream"].bool_value,
             usage=usage,
-            prompt_estimate=int(marks["prompt_estimate"].number_value),
+            cut_short=_cut_short(metadata) if usage is None else None,
             status=entry.response.response_code.value or 0,
             completed=not common.response_flags.downstream_connection_termination,
             ttft_s=ttft,
             duration_s=common.duration.ToTimedelta().total_seconds(),
         )
+
+
+def _has_usage(metadata: Any) -> bool:
+    return USAGE_NAMESPACE in metadata and "usage" in metadata[USAGE_NAMESPACE].fields
+
+
+def _cut_short(metadata: Any) -> CutShort | None:
+    if STREAM_NAMESPACE not in metadata:
+        return None
+    kept = metadata[STREAM_NAMESPACE].fields
+    text = []
+    n = 1
+    while (key := f"t{n}") in kept:  # response.lua numbers the chunks' text from 1
+        text.append(kept[key].string_value)
+        n += 1
+    return CutShort(kept["prompt"].string_value if "prompt" in kept else "", "".join(text))

@@ -31,6 +31,10 @@ STREAM_HEADER = "x-llmux-stream"  # set by the processor on streamed requests
 METADATA_NAMESPACE = "llmux"
 # Where Envoy's sse_to_metadata filter puts the `usage` object of OpenAI-format streams.
 USAGE_NAMESPACE = "llmux.usage"
+# What a passed-through stream needs to be counted with tiktoken if it ends without the
+# provider's usage: the request body (set by the processor, cleared by response.lua once the
+# provider's usage arrives) and the text produced so far (t1..tN, one per chunk, response.lua).
+STREAM_NAMESPACE = "llmux.stream"
 ACCESS_LOG_NAME = "llmux-streams"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -224,7 +228,9 @@ def _extproc_filter(config: Config) -> dict[str, Any]:
             },
             "message_timeout": "10s",
             "allow_mode_override": True,
-            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+            "metadata_options": {
+                "receiving_namespaces": {"untyped": [METADATA_NAMESPACE, STREAM_NAMESPACE]}
+            },
             "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
             "failure_mode_allow": False,
         },

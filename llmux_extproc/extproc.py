@@ -22,7 +22,12 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
 from llmux_extproc import metrics
-from llmux_extproc.envoy_config import METADATA_NAMESPACE, ROUTE_HEADER, STREAM_HEADER
+from llmux_extproc.envoy_config import (
+    METADATA_NAMESPACE,
+    ROUTE_HEADER,
+    STREAM_HEADER,
+    STREAM_NAMESPACE,
+)
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.gateway import (
     Exchange,
@@ -217,13 +222,17 @@ class _HttpStream:
         if isinstance(handling, PassThrough):
             model_id = {"x-litellm-model-id": self.exchange.dep.id}
             self.exchange = None
+            metadata = _metadata(handling.log)
+            if handling.prompt is not None:
+                kept = metadata.fields[STREAM_NAMESPACE].struct_value.fields
+                kept["prompt"].string_value = handling.prompt
             response = pb.ProcessingResponse(
                 response_headers=pb.HeadersResponse(
                     response=pb.CommonResponse(
                         header_mutation=pb.HeaderMutation(set_headers=_set_headers(model_id))
                     )
                 ),
-                dynamic_metadata=_metadata(handling.log),
+                dynamic_metadata=metadata,
             )
             response.mode_override.CopyFrom(_PASSTHROUGH_RESPONSE)
             return response

@@ -11,7 +11,7 @@ accounted later by `account_passthrough`), a `StreamSession` chunk by chunk, or
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,9 +88,20 @@ class ResponseAction:
 @dataclass(slots=True)
 class PassThrough:
     """An answer Envoy passes on by itself; `log` marks it for response.lua and for
-    accounting from its access log entry."""
+    accounting from its access log entry. A stream also leaves its request body with Envoy
+    (`prompt`), to be counted only if the stream ends without the provider's usage."""
 
     log: dict[str, Any]
+    prompt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CutShort:
+    """What Envoy kept of a passed-through stream that ended without the provider's usage:
+    the client's request body and the text produced, as JSON string contents."""
+
+    request_body: str
+    escaped_text: str
 
 
 class State:
@@ -227,7 +238,9 @@ class Gateway:
         if translator is None and self.state.config.settings.stream_accounting == "processor":
             translator = OpenAIStream(wants_usage)
         if translator is None:
-            return PassThrough(self._passthrough_marks(exchange, strip_usage=not wants_usage))
+            marks = self._passthrough_marks(exchange, strip_usage=not wants_usage)
+            # orjson accepted the body, so it is UTF-8, as protobuf strings must be.
+            return PassThrough(marks, prompt=req.raw.decode())
         return StreamSession(self, exchange, translator)
 
     def _passthrough_marks(self, exchange: Exchange, **flags: bool) -> dict[str, Any]:
@@ -239,12 +252,6 @@ class Gateway:
             "model": dep.model_name,
             "deployment": dep.id,
             "provider": dep.provider,
-            # Used only if a stream ends without the provider's counts. tiktoken would cost
-            # ~100 MB per worker to keep loaded for that: the 4-characters-a-token rule of
-            # thumb stands in, marked as estimated.
-            "prompt_estimate": _rough_prompt_tokens(exchange.req.body.get("messages"))
-            if exchange.req.stream
-            else 0,
             **flags,
         }
         return marks
@@ -254,13 +261,16 @@ class Gateway:
         deployment_id: str,
         stream: bool,
         usage: dict[str, object] | None,
-        prompt_estimate: int,
+        cut_short: CutShort | None,
         status: int,
         completed: bool,
         ttft_s: float | None,
         duration_s: float,
     ) -> None:
-        """Account an answer Envoy passed on by itself, from its access log entry."""
+        """Account an answer Envoy passed on by itself, from its access log entry.
+
+        Without usage, a stream is counted with tiktoken from `cut_short` (~75 ns a byte):
+        the caller runs this off the event loop then."""
         state = self.state
         dep = state.by_id.get(deployment_id)
         if dep is None:  # removed by a reload since; its price went with it
@@ -279,8 +289,10 @@ class Gateway:
             return
         if usage:
             counted = Usage.from_openai(usage)
-        else:  # cut short, or a provider without a usage chunk: the prompt can be estimated
-            counted = Usage(prompt_tokens=prompt_estimate, estimated=True)
+        elif stream and cut_short is not None:  # cut short, or a provider that never counts
+            counted = _count_cut_short(cut_short, dep.model)
+        else:
+            counted = Usage(estimated=True)
         if stream:
             model, provider = dep.model_name, dep.provider
             if ttft_s is not None:
@@ -389,38 +401,43 @@ class StreamSession:
 
     def _estimate(self, usage: Usage) -> Usage:
         ex = self.exchange
-        messages = ex.req.body.get("messages")
-        prompt = usage.prompt_tokens or (
-            tokens.count_messages(messages, ex.dep.model) if isinstance(messages, list) else 0
-        )
-        completion = usage.completion_tokens or tokens.count_text(
-            _streamed_text(self.output), ex.dep.model
-        )
-        return Usage(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cached_tokens=usage.cached_tokens,
-            cache_write_tokens=usage.cache_write_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            estimated=True,
+        return _fill_in(
+            usage, ex.req.body.get("messages"), lambda: _streamed_text(self.output), ex.dep.model
         )
 
 
-def _rough_prompt_tokens(messages: Any) -> int:
-    if not isinstance(messages, list):
-        return 0
-    chars = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(
-                len(p["text"])
-                for p in content
-                if isinstance(p, dict) and isinstance(p.get("text"), str)
-            )
-    return -(-chars // 4) + tokens.TOKENS_PER_MESSAGE * len(messages) + tokens.REPLY_PRIMING
+def _fill_in(usage: Usage, messages: object, text: Callable[[], str], model: str) -> Usage:
+    """`usage` with the counts the provider did not give counted with tiktoken, marked
+    estimated. `text` is what the model produced, computed only if needed."""
+    prompt = usage.prompt_tokens or (
+        tokens.count_messages(messages, model) if isinstance(messages, list) else 0
+    )
+    completion = usage.completion_tokens or tokens.count_text(text(), model)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=usage.cached_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        estimated=True,
+    )
+
+
+def _count_cut_short(kept: CutShort, model: str) -> Usage:
+    try:
+        body = orjson.loads(kept.request_body) if kept.request_body else {}
+    except orjson.JSONDecodeError:
+        body = {}
+    messages = body.get("messages") if isinstance(body, dict) else None
+
+    def text() -> str:
+        try:
+            decoded = orjson.loads(f'"{kept.escaped_text}"')
+        except orjson.JSONDecodeError:  # an escape response.lua cut wrongly: close enough
+            return kept.escaped_text
+        return decoded if isinstance(decoded, str) else ""
+
+    return _fill_in(Usage(), messages, text, model)
 
 
 def _streamed_text(output: list[bytes]) -> str:

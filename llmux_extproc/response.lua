@@ -2,33 +2,104 @@
 -- `llmux` dynamic metadata), so that OpenAI-format answers need no Python after their
 -- headers. The processor still decides everything: which responses, which prices.
 --
--- strip_usage (streams): drop the usage chunk LLMux asked the provider for when the client
---   did not ask for it. At most one incomplete event is held back between chunks; a client
---   discards an unterminated event at the end anyway (SSE spec).
+-- stream: every passed-through stream. Until the provider's usage arrives, the text the model
+--   produced (content, reasoning, tool names and arguments, still JSON-escaped) is left in
+--   the `llmux.stream` metadata, one key per chunk, so that a stream cut short (client gone,
+--   upstream died) can still be counted with tiktoken from its access log entry. Envoy has
+--   no hook at the end of a reset stream, hence a key per chunk rather than one at the end.
+--   With strip_usage, the usage chunk LLMux asked the provider for is dropped when the
+--   client did not ask for it; at most one incomplete event is held back between chunks (a
+--   client discards an unterminated event at the end anyway, per the SSE spec).
 -- body_usage (whole bodies): read usage, add the cost headers, and leave usage in metadata
 --   for the access log entry that accounts the request.
 
-local function complete_events(data)
-  local kept, i = {}, 1
-  while true do
-    local s, e = string.find(data, "\n\n", i, true)
-    if not s then break end
-    local ev = string.sub(data, i, e)
-    if not (string.find(ev, '"usage"%s*:%s*{') and string.find(ev, '"choices"%s*:%s*%[%s*%]')) then
-      kept[#kept + 1] = ev
-    end
-    i = e + 1
-  end
-  return table.concat(kept), string.sub(data, i)
+local STREAM_NS = "llmux.stream"
+local TEXT_PATTERNS = {}
+for _, key in ipairs({"content", "reasoning_content", "reasoning", "refusal", "name", "arguments"}) do
+  TEXT_PATTERNS[#TEXT_PATTERNS + 1] = '"' .. key .. '"%s*:%s*"'
 end
 
-local function strip_usage(handle)
-  local pending = ""
+-- The index of the quote closing a JSON string whose contents start at i.
+local function string_end(s, i)
+  while true do
+    local q = string.find(s, '"', i, true)
+    if not q then return nil end
+    local b = q - 1
+    while string.byte(s, b) == 92 do b = b - 1 end -- backslashes before the quote
+    if (q - 1 - b) % 2 == 0 then return q end
+    i = q + 1
+  end
+end
+
+-- protobuf rejects strings that are not UTF-8, and one bad string would lose the whole
+-- access log batch it travels in: text from a broken upstream is checked before it is kept.
+local function utf8_ok(s)
+  if not string.find(s, "[\128-\255]") then return true end
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    local len, lo, hi = 1, 0x80, 0xBF
+    if c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 3
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 4
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
+    elseif c >= 0x80 then return false end
+    for j = i + 1, i + len - 1 do
+      local d = string.byte(s, j)
+      if d == nil or d < lo or d > hi then return false end
+      lo, hi = 0x80, 0xBF
+    end
+    i = i + len
+  end
+  return true
+end
+
+local function produced_text(ev, out)
+  for _, pattern in ipairs(TEXT_PATTERNS) do
+    local i = 1
+    while true do
+      local _, e = string.find(ev, pattern, i)
+      if not e then break end
+      local close = string_end(ev, e + 1)
+      if not close then break end
+      local text = string.sub(ev, e + 1, close - 1)
+      if utf8_ok(text) then out[#out + 1] = text end
+      i = close + 1
+    end
+  end
+end
+
+local function stream(handle, strip)
+  local pending, n, counted = "", 0, false
   for chunk in handle:bodyChunks() do
-    local data = string.gsub(pending .. chunk:getBytes(0, chunk:length()), "\r\n", "\n")
-    local out
-    out, pending = complete_events(data)
-    chunk:setBytes(out)
+    local data = pending .. chunk:getBytes(0, chunk:length())
+    if string.find(data, "\r", 1, true) then data = string.gsub(data, "\r\n", "\n") end
+    local kept, texts, i = {}, {}, 1
+    while true do
+      local s, e = string.find(data, "\n\n", i, true)
+      if not s then break end
+      local ev = string.sub(data, i, e)
+      local usage = string.find(ev, '"usage"%s*:%s*{')
+      if usage and not counted then
+        counted = true -- the provider counted: nothing is left to count here
+        handle:streamInfo():dynamicMetadata():set(STREAM_NS, "prompt", "")
+      end
+      if not counted then produced_text(ev, texts) end
+      if strip and not (usage and string.find(ev, '"choices"%s*:%s*%[%s*%]')) then
+        kept[#kept + 1] = ev
+      end
+      i = e + 1
+    end
+    pending = string.sub(data, i)
+    if strip then chunk:setBytes(table.concat(kept)) end
+    if #texts > 0 then
+      n = n + 1
+      -- Fetched per chunk: Envoy's Lua objects do not outlive a yield.
+      handle:streamInfo():dynamicMetadata():set(STREAM_NS, "t" .. n, table.concat(texts))
+    end
   end
 end
 
@@ -88,8 +159,8 @@ end
 function envoy_on_response(handle)
   local marks = handle:streamInfo():dynamicMetadata():get("llmux")
   if marks == nil then return end
-  if marks["strip_usage"] then
-    strip_usage(handle)
+  if marks["stream"] then
+    stream(handle, marks["strip_usage"])
   elseif marks["body_usage"] then
     body_usage(handle, marks)
   end

@@ -58,6 +58,8 @@ def _needs_tokenizer(config: Config) -> bool:
 
 def grpc_options(config: Config) -> list[tuple[str, int]]:
     limit = max(config.settings.max_request_body_bytes, config.settings.max_response_body_bytes)
+    # An access log entry of a stream cut short carries its request body and text as well.
+    limit *= 2
     return [
         ("grpc.max_receive_message_length", limit + 65536),
         ("grpc.max_send_message_length", limit + 65536),

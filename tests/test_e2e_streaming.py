@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from llmux_extproc import tokens
 from tests.harness import Gateway, MockUpstream, json_response, metric, running_gateway
 from tests.mock_anthropic import API_KEY as ANTHROPIC_KEY
 from tests.mock_anthropic import AnthropicMock
@@ -22,6 +23,28 @@ from tests.mock_anthropic import AnthropicMock
 pytestmark = pytest.mark.e2e
 
 WORDS = ["Streaming", " is", " where", " gateways", " break", "."]
+# Deltas streamed before the upstream dies ("tools then die"): escapes, non-ASCII text and
+# parallel tool calls, which a stream cut short must still be counted from.
+CUT_DELTAS: list[dict[str, Any]] = [
+    {"role": "assistant", "content": "Précis — 東京\n"},
+    {"content": 'a "quoted" word and a back\\slash'},
+    {
+        "tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather"}}
+        ]
+    },
+    {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+    {
+        "tool_calls": [
+            {"index": 1, "id": "call_2", "type": "function", "function": {"name": "get_time"}}
+        ]
+    },
+    {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+    {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]},
+]
+CUT_TEXT = (
+    'Précis — 東京\na "quoted" word and a back\\slash' + 'get_weather{"city": get_time"Paris"}{}'
+)
 
 
 def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -75,6 +98,13 @@ class OpenAIStreamer:
             )
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
+        if prompt == "tools then die":
+            for delta in CUT_DELTAS:
+                await resp.write(chunk(delta))
+            await asyncio.sleep(0.1)  # let Envoy pass them on before the connection drops
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
         await resp.write(chunk({"role": "assistant", "content": ""}))
         delay = {"slow and long": 0.2, "long": 0.001}.get(prompt, 0.02)
         try:
@@ -150,11 +180,24 @@ def gateway(
                 },
             },
             {"model_name": "mock", "litellm_params": {"model": "mock/gpt-4o-mini"}},
+            _cut_model(openai_up),
         ],
         "llmux": {"stream_idle_timeout": 1.5, "workers": 2},
     }
     with running_gateway(config, tmp_path_factory.mktemp("stream")) as gw:
         yield gw
+
+
+def _cut_model(upstream: MockUpstream) -> dict[str, Any]:
+    # A model of its own, so that no other test's late accounting moves its figures.
+    return {
+        "model_name": "gpt-cut",
+        "litellm_params": {
+            "model": "openai/gpt-4o",
+            "api_base": f"{upstream.base_url}/v1",
+            "api_key": "k",
+        },
+    }
 
 
 @pytest.fixture
@@ -325,7 +368,8 @@ def processor_gateway(
                     "api_base": f"{upstreams[0].base_url}/v1",
                     "api_key": "k",
                 },
-            }
+            },
+            _cut_model(upstreams[0]),
         ],
         "llmux": {"stream_accounting": "processor"},
     }
@@ -361,7 +405,7 @@ def test_client_disconnect_cancels_upstream_and_is_accounted(
         time.sleep(0.02)
     assert streamer.closed_early, "the upstream never saw the disconnect"
     assert streamer.closed_early[0] - left < 1.0
-    # Accounted as cut short (499), with the prompt estimated with tiktoken.
+    # Accounted as cut short (499), counted with tiktoken.
     after = gateway.metrics_when(
         lambda m: (
             metric(m, "llm_requests_total", model="gpt", status_code="499")
@@ -378,9 +422,43 @@ def test_client_disconnect_cancels_upstream_and_is_accounted(
         return metric(text, "llm_streamed_tokens_total", model="gpt", type=kind, estimated="true")
 
     assert estimated(after, "input") > estimated(before, "input")
-    if mode == "processor":
-        # The processor saw the streamed words, so the output is counted too.
-        assert estimated(after, "output") > estimated(before, "output")
+    # What was produced before the client left is counted too (by the processor, or from the
+    # text response.lua kept in Envoy).
+    assert estimated(after, "output") > estimated(before, "output")
+
+
+@pytest.mark.parametrize("mode", ["envoy", "processor"])
+def test_stream_cut_short_is_counted_with_tiktoken(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """Without the provider's usage, both ways of streaming count what was asked and what was
+    produced (text, escapes, tool names and arguments) with tiktoken, marked as estimated."""
+    gateway: Gateway = request.getfixturevalue(
+        "gateway" if mode == "envoy" else "processor_gateway"
+    )
+    client = openai.OpenAI(base_url=gateway.openai_base, api_key="x", max_retries=0)
+    messages: list[Any] = [
+        {"role": "system", "content": "Answer with tools."},
+        {"role": "user", "content": "tools then die"},
+    ]
+    labels = {"model": "gpt-cut", "estimated": "true"}
+    before = gateway.metrics()
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        collect(client.chat.completions.create(model="gpt-cut", messages=messages, stream=True))
+    after = gateway.metrics_when(
+        lambda m: (
+            metric(m, "llm_streamed_tokens_total", type="output", **labels)
+            != metric(before, "llm_streamed_tokens_total", type="output", **labels)
+        )
+    )
+
+    def delta(kind: str) -> float:
+        return metric(after, "llm_streamed_tokens_total", type=kind, **labels) - metric(
+            before, "llm_streamed_tokens_total", type=kind, **labels
+        )
+
+    assert delta("input") == tokens.count_messages(messages, "gpt-4o")
+    assert delta("output") == tokens.count_text(CUT_TEXT, "gpt-4o")
 
 
 def test_no_stream_state_leaks(gateway: Gateway) -> None:
