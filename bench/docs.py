@@ -176,6 +176,7 @@ def write_docs(
         "python -m bench.run --help      # repetitions, durations, rates, connections, ...\n"
         "python -m bench.soak --requests 1000000   # ext_proc RSS over time, to JSON\n"
         "python -m bench.profile         # py-spy profile of an ext_proc worker under load\n"
+        "python -m bench.stream_cost     # CPU per streamed chunk, one event per chunk\n"
         "python -m bench.docs RESULTS.json [--compare LITELLM.json]  # re-render this file\n"
         "```\n\n"
         "Raw results: `bench/results/*.json` (gitignored), with a Markdown copy of the tables.\n\n"

@@ -14,9 +14,19 @@
 --   for the access log entry that accounts the request.
 
 local STREAM_NS = "llmux.stream"
-local TEXT_PATTERNS = {}
-for _, key in ipairs({"content", "reasoning_content", "reasoning", "refusal", "name", "arguments"}) do
-  TEXT_PATTERNS[#TEXT_PATTERNS + 1] = '"' .. key .. '"%s*:%s*"'
+-- Plain searches for the keys, then an anchored pattern for the colon: several times cheaper
+-- per chunk than unanchored patterns over the whole event.
+local TEXT_KEYS = {'"content"', '"reasoning_content"', '"reasoning"', '"refusal"', '"name"', '"arguments"'}
+
+-- The end of `key` followed by a colon and `opener` ('"' or '{'), or nil.
+local function key_then(s, key, opener, i)
+  while true do
+    local _, e = string.find(s, key, i, true)
+    if not e then return nil end
+    local _, v = string.find(s, "^%s*:%s*" .. opener, e + 1)
+    if v then return v end
+    i = e + 1
+  end
 end
 
 -- The index of the quote closing a JSON string whose contents start at i.
@@ -58,14 +68,14 @@ local function utf8_ok(s)
 end
 
 local function produced_text(ev, out)
-  for _, pattern in ipairs(TEXT_PATTERNS) do
+  for _, key in ipairs(TEXT_KEYS) do
     local i = 1
     while true do
-      local _, e = string.find(ev, pattern, i)
-      if not e then break end
-      local close = string_end(ev, e + 1)
+      local open = key_then(ev, key, '"', i)
+      if not open then break end
+      local close = string_end(ev, open + 1)
       if not close then break end
-      local text = string.sub(ev, e + 1, close - 1)
+      local text = string.sub(ev, open + 1, close - 1)
       if utf8_ok(text) then out[#out + 1] = text end
       i = close + 1
     end
@@ -82,7 +92,7 @@ local function stream(handle, strip)
       local s, e = string.find(data, "\n\n", i, true)
       if not s then break end
       local ev = string.sub(data, i, e)
-      local usage = string.find(ev, '"usage"%s*:%s*{')
+      local usage = key_then(ev, '"usage"', "{", 1)
       if usage and not counted then
         counted = true -- the provider counted: nothing is left to count here
         handle:streamInfo():dynamicMetadata():set(STREAM_NS, "prompt", "")
