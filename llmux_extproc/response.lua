@@ -8,8 +8,9 @@
 --   upstream died) can still be counted with tiktoken from its access log entry. Envoy has
 --   no hook at the end of a reset stream, hence a key per chunk rather than one at the end.
 --   With strip_usage, the usage chunk LLMux asked the provider for is dropped when the
---   client did not ask for it; at most one incomplete event is held back between chunks (a
---   client discards an unterminated event at the end anyway, per the SSE spec).
+--   client did not ask for it; chunks with neither choices nor usage are always dropped. At
+--   most one incomplete event is held back between chunks (a client discards an
+--   unterminated event at the end anyway, per the SSE spec).
 -- body_usage (whole bodies): read usage, add the cost headers, and leave usage in metadata
 --   for the access log entry that accounts the request.
 
@@ -18,12 +19,12 @@ local STREAM_NS = "llmux.stream"
 -- per chunk than unanchored patterns over the whole event.
 local TEXT_KEYS = {'"content"', '"reasoning_content"', '"reasoning"', '"refusal"', '"name"', '"arguments"'}
 
--- The end of `key` followed by a colon and `opener` ('"' or '{'), or nil.
-local function key_then(s, key, opener, i)
+-- The end of `key` followed by a colon and `value` (the start of a value, as a pattern), or nil.
+local function key_then(s, key, value, i)
   while true do
     local _, e = string.find(s, key, i, true)
     if not e then return nil end
-    local _, v = string.find(s, "^%s*:%s*" .. opener, e + 1)
+    local _, v = string.find(s, "^%s*:%s*" .. value, e + 1)
     if v then return v end
     i = e + 1
   end
@@ -82,11 +83,19 @@ local function produced_text(ev, out)
   end
 end
 
+local function no_choices(ev)
+  return key_then(ev, '"choices"', "%[%s*%]", 1) ~= nil
+end
+
 local function stream(handle, strip)
   local pending, n, counted = "", 0, false
   for chunk in handle:bodyChunks() do
     local data = pending .. chunk:getBytes(0, chunk:length())
-    if string.find(data, "\r", 1, true) then data = string.gsub(data, "\r\n", "\n") end
+    local rewrite = pending ~= "" -- held-back bytes go out with this chunk
+    if string.find(data, "\r", 1, true) then
+      data = string.gsub(data, "\r\n", "\n")
+      rewrite = true
+    end
     local kept, texts, i = {}, {}, 1
     while true do
       local s, e = string.find(data, "\n\n", i, true)
@@ -98,13 +107,17 @@ local function stream(handle, strip)
         handle:streamInfo():dynamicMetadata():set(STREAM_NS, "prompt", "")
       end
       if not counted then produced_text(ev, texts) end
-      if strip and not (usage and string.find(ev, '"choices"%s*:%s*%[%s*%]')) then
+      -- Dropped: the usage chunk the client did not ask for, and chunks without choices or
+      -- usage (Azure's prompt_filter_results), which OpenAI clients index into and crash on.
+      if (usage and not strip) or not no_choices(ev) then
         kept[#kept + 1] = ev
+      else
+        rewrite = true
       end
       i = e + 1
     end
     pending = string.sub(data, i)
-    if strip then chunk:setBytes(table.concat(kept)) end
+    if rewrite or pending ~= "" then chunk:setBytes(table.concat(kept)) end
     if #texts > 0 then
       n = n + 1
       -- Fetched per chunk: Envoy's Lua objects do not outlive a yield.

@@ -13,6 +13,7 @@ import pytest
 from tests.corpus import CASES, Case, case
 from tests.harness import Gateway, MockUpstream, running_gateway
 from tests.mock_anthropic import MOCK_USAGE, AnthropicMock
+from tests.streams import assert_stream_matches, numbers_masked
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +55,9 @@ def gateway(
 def client(gw: Gateway) -> openai.OpenAI:
     # No retries: each test scripts exactly one upstream answer.
     return openai.OpenAI(base_url=gw.openai_base, api_key="anything", max_retries=0)
+
+
+SUPPORTED = [c for c in CASES if not c.unsupported_param]
 
 
 def tool_names(c: Case) -> list[str]:
@@ -108,6 +112,21 @@ def test_corpus(gateway: Gateway, mock: tuple[MockUpstream, AnthropicMock], c: C
     assert usage.total_tokens == prompt + MOCK_USAGE["output_tokens"]
     assert usage.prompt_tokens_details is not None
     assert usage.prompt_tokens_details.cached_tokens == cached
+
+
+@pytest.mark.parametrize("c", SUPPORTED, ids=lambda c: c.name)
+def test_stream_matches_the_whole_answer(gateway: Gateway, c: Case) -> None:
+    """Anthropic's event stream (thinking, parallel tool_use with input_json_delta, usage in
+    message_start and message_delta, pings) says what the whole answer says."""
+    api = client(gateway)
+    whole = api.chat.completions.create(model="claude", **c.request)
+    chunks = list(
+        api.chat.completions.create(
+            model="claude", stream=True, stream_options={"include_usage": True}, **c.request
+        )
+    )
+    # The mock numbers its answers; everything else must match.
+    assert_stream_matches(whole, chunks, numbers_masked)
 
 
 def test_drop_params(

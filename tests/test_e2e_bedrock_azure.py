@@ -18,6 +18,7 @@ from aiohttp import web
 
 from tests import corpus
 from tests.harness import Gateway, MockUpstream, json_response, running_gateway
+from tests.streams import assert_stream_matches
 
 pytest.importorskip("botocore")
 
@@ -131,23 +132,54 @@ def _azure_answer(data: dict[str, Any], text: str) -> tuple[dict[str, Any], str]
 async def _sse(
     request: web.Request, deployment: str, message: dict[str, Any], finish: str, usage: bool
 ) -> web.StreamResponse:
+    """Azure's stream: a first chunk with no choices carrying `prompt_filter_results`, then
+    OpenAI chunks with `content_filter_results`, tool calls in pieces, usage if asked."""
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
+    filters = {"hate": {"filtered": False, "severity": "safe"}}
 
-    def chunk(delta: dict[str, Any], reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": reason}
-        body = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": deployment}
-        return b"data: " + orjson.dumps({**body, "choices": [choice]}) + b"\n\n"
+    async def send(body: dict[str, Any]) -> None:
+        await response.write(b"data: " + orjson.dumps(body) + b"\n\n")
 
-    await response.write(chunk({"role": "assistant", "content": ""}))
-    for word in (message.get("content") or "").split(" "):
-        await response.write(chunk({"content": word + " "}))
-    await response.write(chunk({}, finish))
+    def chunk(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "finish_reason": reason,
+            "content_filter_results": filters,
+        }
+        return {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": deployment,
+            "choices": [choice],
+        }
+
+    await send(
+        {
+            "choices": [],
+            "created": 0,
+            "id": "",
+            "model": "",
+            "object": "",
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": filters}],
+        }
+    )
+    await send(chunk({"role": "assistant", "content": ""}))
+    for word in re.findall(r"\S+\s*", message.get("content") or ""):
+        await send(chunk({"content": word}))
+    for i, call in enumerate(message.get("tool_calls") or []):
+        head = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
+        await send(chunk({"tool_calls": [{"index": i, **head}]}))
+        arguments = call["function"]["arguments"]
+        for piece in (arguments[:5], arguments[5:]):
+            await send(chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}))
+    await send(chunk({}, finish))
     if usage:
         counts = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
         body = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": deployment}
-        await response.write(b"data: " + orjson.dumps({**body, "choices": [], "usage": counts}))
-        await response.write(b"\n\n")
+        await send({**body, "choices": [], "usage": counts})
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
@@ -446,6 +478,23 @@ def test_bedrock_stream(env: Env, case_name: str) -> None:
     if case.expect_tool_calls == 0:
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert env.bedrock.raw_paths[-1].endswith("/converse-stream")
+    _check_mocks(env)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in corpus.CASES if not c.unsupported_param], ids=lambda c: c.name
+)
+@pytest.mark.parametrize("model", ["claude", "gpt-azure"])
+def test_stream_matches_the_whole_answer(env: Env, model: str, case: corpus.Case) -> None:
+    """ConverseStream's binary event stream and Azure's SSE say what the whole answer says."""
+    client = env.client()
+    whole = client.chat.completions.create(model=model, **case.request)
+    chunks = list(
+        client.chat.completions.create(
+            model=model, stream=True, stream_options={"include_usage": True}, **case.request
+        )
+    )
+    assert_stream_matches(whole, chunks)
     _check_mocks(env)
 
 

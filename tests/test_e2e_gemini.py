@@ -18,6 +18,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from tests import mock_gemini
 from tests.corpus import CASES, PNG_B64, Case, case
 from tests.harness import Gateway, MockUpstream, free_port, running_gateway
+from tests.streams import assert_stream_matches
 
 pytestmark = pytest.mark.e2e
 
@@ -202,6 +203,20 @@ def test_stream(model: str, name: str, client: openai.OpenAI) -> None:
         assert text == mock_gemini.TEXT
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("c", [c for c in CASES if not c.unsupported_param], ids=lambda c: c.name)
+@pytest.mark.parametrize("model", CHAT_MODELS)
+def test_stream_matches_the_whole_answer(model: str, c: Case, client: openai.OpenAI) -> None:
+    """streamGenerateContent over SSE (thoughts, parallel function calls, usage in the last
+    event) says what generateContent says."""
+    whole = client.chat.completions.create(model=model, **c.request)
+    chunks = list(
+        client.chat.completions.create(
+            model=model, stream=True, stream_options={"include_usage": True}, **c.request
+        )
+    )
+    assert_stream_matches(whole, chunks)
 
 
 def test_stream_error_reaches_the_sdk(client: openai.OpenAI) -> None:
