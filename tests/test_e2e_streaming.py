@@ -98,12 +98,21 @@ class OpenAIStreamer:
             )
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
-        if prompt == "tools then die":
-            for delta in CUT_DELTAS:
-                await resp.write(chunk(delta))
+        if prompt.endswith("tools then die"):
+            events = b"".join(chunk(delta) for delta in CUT_DELTAS)
+            await _write_split(resp, events, 3 if prompt.startswith("split") else len(events))
             await asyncio.sleep(0.1)  # let Envoy pass them on before the connection drops
             assert request.transport is not None
             request.transport.abort()
+            return resp
+        if prompt == "split":
+            # Every event split across writes, mid-line and mid-UTF-8 character, CRLF lines.
+            body = b"".join(chunk(delta) for delta in SPLIT_DELTAS) + chunk({}, "stop")
+            if (data.get("stream_options") or {}).get("include_usage"):
+                body += b"data: " + orjson.dumps({"choices": [], "usage": SPLIT_USAGE}) + b"\n\n"
+            body += b"data: [DONE]\n\n"
+            await _write_split(resp, body.replace(b"\n", b"\r\n"), 3)
+            await resp.write_eof()
             return resp
         await resp.write(chunk({"role": "assistant", "content": ""}))
         delay = {"slow and long": 0.2, "long": 0.001}.get(prompt, 0.02)
@@ -140,6 +149,19 @@ class OpenAIStreamer:
             self.closed_early.append(time.monotonic())
             raise
         return resp
+
+
+SPLIT_DELTAS: list[dict[str, Any]] = [
+    {"role": "assistant", "content": ""},
+    *({"content": word} for word in ["Grüße", " aus", " 東京", " 🎉", " und", " Zürich."]),
+]
+SPLIT_USAGE = {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}
+
+
+async def _write_split(resp: web.StreamResponse, data: bytes, size: int) -> None:
+    for start in range(0, len(data), size):
+        await resp.write(data[start : start + size])
+        await asyncio.sleep(0.002)  # separate TCP segments, so Envoy sees separate chunks
 
 
 @pytest.fixture(scope="module")
@@ -427,9 +449,10 @@ def test_client_disconnect_cancels_upstream_and_is_accounted(
     assert estimated(after, "output") > estimated(before, "output")
 
 
+@pytest.mark.parametrize("prompt", ["tools then die", "split tools then die"])
 @pytest.mark.parametrize("mode", ["envoy", "processor"])
 def test_stream_cut_short_is_counted_with_tiktoken(
-    mode: str, request: pytest.FixtureRequest
+    mode: str, prompt: str, request: pytest.FixtureRequest
 ) -> None:
     """Without the provider's usage, both ways of streaming count what was asked and what was
     produced (text, escapes, tool names and arguments) with tiktoken, marked as estimated."""
@@ -439,7 +462,7 @@ def test_stream_cut_short_is_counted_with_tiktoken(
     client = openai.OpenAI(base_url=gateway.openai_base, api_key="x", max_retries=0)
     messages: list[Any] = [
         {"role": "system", "content": "Answer with tools."},
-        {"role": "user", "content": "tools then die"},
+        {"role": "user", "content": prompt},
     ]
     labels = {"model": "gpt-cut", "estimated": "true"}
     before = gateway.metrics()
@@ -576,6 +599,42 @@ def test_passthrough_without_client_usage_drops_the_injected_chunk_in_envoy(
         before_metrics, "llm_streamed_tokens_total", **labels
     )
     assert delta == 6  # the provider's own count, read by Envoy before the chunk was dropped
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_passthrough_reassembles_events_split_anywhere(
+    include_usage: bool, client: openai.OpenAI, gateway: Gateway
+) -> None:
+    """Envoy's side of a passed-through stream (response.lua holding back incomplete events,
+    sse_to_metadata reading usage) copes with events split mid-line and mid-character."""
+    labels = {"model": "gpt-cut", "type": "output", "estimated": "false"}
+    before = gateway.metrics()
+    options: Any = {"include_usage": True} if include_usage else openai.NOT_GIVEN
+    text, chunks = collect(
+        client.chat.completions.create(
+            model="gpt-cut",
+            messages=[{"role": "user", "content": "split"}],
+            stream=True,
+            stream_options=options,
+        )
+    )
+    assert text == "".join(d["content"] for d in SPLIT_DELTAS)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    if include_usage:
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == SPLIT_USAGE["completion_tokens"]
+    else:
+        assert all(c.choices and c.usage is None for c in chunks)
+    after = gateway.metrics_when(
+        lambda m: (
+            metric(m, "llm_streamed_tokens_total", **labels)
+            != metric(before, "llm_streamed_tokens_total", **labels)
+        )
+    )
+    delta = metric(after, "llm_streamed_tokens_total", **labels) - metric(
+        before, "llm_streamed_tokens_total", **labels
+    )
+    assert delta == SPLIT_USAGE["completion_tokens"]
 
 
 def test_translated_stream_goes_through_the_processor(
