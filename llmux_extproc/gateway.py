@@ -290,7 +290,7 @@ class Gateway:
         if usage:
             counted = Usage.from_openai(usage)
         elif stream and cut_short is not None:  # cut short, or a provider that never counts
-            counted = _count_cut_short(cut_short, dep.model)
+            counted = count_cut_short(cut_short, dep.model)
         else:
             counted = Usage(estimated=True)
         if stream:
@@ -423,7 +423,7 @@ def _fill_in(usage: Usage, messages: object, text: Callable[[], str], model: str
     )
 
 
-def _count_cut_short(kept: CutShort, model: str) -> Usage:
+def count_cut_short(kept: CutShort, model: str) -> Usage:
     try:
         body = orjson.loads(kept.request_body) if kept.request_body else {}
     except orjson.JSONDecodeError:
