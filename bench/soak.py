@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--interval", type=float, default=2.0, help="seconds between RSS samples")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument(
+        "--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="request kinds to mix"
+    )
     args = p.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="llmux-soak-"))
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cold = target.start()
         settle(target)
-        kinds = [k for k in KINDS if probe(target, k) == "ok"]
+        kinds = [k for k in args.kinds if probe(target, k) == "ok"]
         log(f"soak: {args.requests} requests, kinds {kinds}, {args.connections} connections")
         requests = [target.raw_request(k) for k in kinds]
         started = time.monotonic()

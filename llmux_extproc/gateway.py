@@ -424,6 +424,7 @@ def _fill_in(usage: Usage, messages: object, text: Callable[[], str], model: str
 
 
 def count_cut_short(kept: CutShort, model: str) -> Usage:
+    """Usage of a passed-through stream that ended without the provider's, with tiktoken."""
     try:
         body = orjson.loads(kept.request_body) if kept.request_body else {}
     except orjson.JSONDecodeError:
