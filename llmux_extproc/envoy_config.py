@@ -574,6 +574,20 @@ def bootstrap(
         "node": {"id": "llmux", "cluster": "llmux"},
         "admin": {"address": address(s.admin)},
         "static_resources": {"listeners": [listener], "clusters": clusters},
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": "llmux",
+                    "static_layer": {
+                        # Envoy half-closes each ext_proc stream and waits (up to 1 s) for the
+                        # processor's status instead of resetting it. grpcio (1.85) leaks the
+                        # op array of a status sent on a reset call (grpc/grpc#43360), which
+                        # was ~120 bytes of worker RSS per request.
+                        "envoy.reloadable_features.ext_proc_graceful_grpc_close": True,
+                    },
+                }
+            ]
+        },
     }
     if static_clusters:
         clusters.extend(provider_clusters(config))

@@ -114,6 +114,10 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     ext = hcm["http_filters"][3]["typed_config"]
     assert ext["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert ext["grpc_service"]["envoy_grpc"]["max_receive_message_length"] > 2_000_000
+    # ext_proc streams end with a half-close the processor answers, not a reset (which made
+    # grpcio leak per request; see docs/benchmarks.md, Soak).
+    (layer,) = doc["layered_runtime"]["layers"]
+    assert layer["static_layer"]["envoy.reloadable_features.ext_proc_graceful_grpc_close"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     # Streamed requests get an idle timeout; both routes drop the internal headers.
     assert routes[0]["route"]["idle_timeout"] == "60.000s"
