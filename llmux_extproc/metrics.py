@@ -17,7 +17,15 @@ from prometheus_client import (
     Histogram,
     multiprocess,
     start_http_server,
+    values,
 )
+
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # In multiprocess mode every increment calls os.getpid() to notice a fork (4.4% of a
+    # worker's busy time in the profile). Workers are started with exec, never forked after
+    # this import, so their pid is read once. Must run before any metric is created.
+    _PID = os.getpid()
+    values.ValueClass = values.MultiProcessValue(lambda: _PID)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
