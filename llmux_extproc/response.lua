@@ -83,8 +83,24 @@ local function produced_text(ev, out)
   end
 end
 
-local function no_choices(ev)
-  return key_then(ev, '"choices"', "%[%s*%]", 1) ~= nil
+-- The events of `complete` that may reach the client: not the usage chunk the client did not
+-- ask for, nor chunks without choices or usage (Azure's prompt_filter_results), which OpenAI
+-- clients index into and crash on.
+local function kept_events(complete, strip)
+  local kept, i, dropped = {}, 1, false
+  while true do
+    local s, e = string.find(complete, "\n\n", i, true)
+    if not s then break end
+    local ev = string.sub(complete, i, e)
+    local usage = key_then(ev, '"usage"', "{", 1)
+    if (usage and not strip) or not key_then(ev, '"choices"', "%[%s*%]", 1) then
+      kept[#kept + 1] = ev
+    else
+      dropped = true
+    end
+    i = e + 1
+  end
+  return table.concat(kept), dropped
 end
 
 local function stream(handle, strip)
@@ -96,28 +112,26 @@ local function stream(handle, strip)
       data = string.gsub(data, "\r\n", "\n")
       rewrite = true
     end
-    local kept, texts, i = {}, {}, 1
-    while true do
-      local s, e = string.find(data, "\n\n", i, true)
-      if not s then break end
-      local ev = string.sub(data, i, e)
-      local usage = key_then(ev, '"usage"', "{", 1)
-      if usage and not counted then
+    -- Whole-chunk searches, not per event: a chunk often carries many events.
+    local last = string.match(data, ".*()\n\n")
+    local complete = last and string.sub(data, 1, last + 1) or ""
+    pending = string.sub(data, #complete + 1)
+    local texts = {}
+    if not counted then
+      local usage = key_then(complete, '"usage"', "{", 1)
+      produced_text(usage and string.sub(complete, 1, usage) or complete, texts)
+      if usage then
         counted = true -- the provider counted: nothing is left to count here
         handle:streamInfo():dynamicMetadata():set(STREAM_NS, "prompt", "")
       end
-      if not counted then produced_text(ev, texts) end
-      -- Dropped: the usage chunk the client did not ask for, and chunks without choices or
-      -- usage (Azure's prompt_filter_results), which OpenAI clients index into and crash on.
-      if (usage and not strip) or not no_choices(ev) then
-        kept[#kept + 1] = ev
-      else
-        rewrite = true
-      end
-      i = e + 1
     end
-    pending = string.sub(data, i)
-    if rewrite or pending ~= "" then chunk:setBytes(table.concat(kept)) end
+    if key_then(complete, '"choices"', "%[%s*%]", 1) then
+      local kept, dropped = kept_events(complete, strip) -- some event may have to go
+      if dropped then
+        complete, rewrite = kept, true
+      end
+    end
+    if rewrite or pending ~= "" then chunk:setBytes(complete) end
     if #texts > 0 then
       n = n + 1
       -- Fetched per chunk: Envoy's Lua objects do not outlive a yield.
