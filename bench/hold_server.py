@@ -34,6 +34,23 @@ _PING = f"{len(_PING_EVENT):x}\r\n".encode() + _PING_EVENT + b"\r\n"
 _OPEN: set[_Hold] = set()
 
 
+def request_body(buf: bytes) -> tuple[bytes, bytes] | None:
+    """(body, what follows it) once `buf` holds a whole HTTP/1.1 request with a
+    Content-Length body; None while it does not."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    length = 0
+    for line in buf[:end].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    start = end + 4
+    if len(buf) < start + length:
+        return None
+    return buf[start : start + length], buf[start + length :]
+
+
 class _Hold(asyncio.Protocol):
     def __init__(self) -> None:
         self.buf = b""
@@ -51,15 +68,7 @@ class _Hold(asyncio.Protocol):
         if self.answered or self.transport is None:
             return
         self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        length = 0
-        for line in self.buf[:end].split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        if len(self.buf) - end - 4 >= length:
+        if request_body(self.buf) is not None:
             self.answered = True
             self.buf = b""
             self.transport.write(_FIRST)

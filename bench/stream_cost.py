@@ -24,18 +24,16 @@ from typing import Any, cast
 import orjson
 import uvloop
 
+from bench.hold_server import request_body
 from bench.procstats import cpu_by_role, cpu_delta
 from bench.runner import log
 from bench.targets import (
-    ALIASES,
-    MASTER_KEY,
     ROOT,
     BareEnvoy,
     LLMux,
     Target,
     Upstreams,
     free_port,
-    openai_body,
 )
 
 _HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -69,18 +67,10 @@ class _ChunkedStream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
+        request = request_body(self.buf)
+        if request is None:
             return
-        length = 0
-        for line in self.buf[:end].split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        if len(self.buf) < end + 4 + length:
-            return
-        body = self.buf[end + 4 : end + 4 + length]
-        self.buf = self.buf[end + 4 + length :]
+        body, self.buf = request
         usage = b'"include_usage":true' in body
         asyncio.get_running_loop().create_task(self._answer(usage))
 
@@ -122,20 +112,16 @@ def serve(port: int, chunks: int, interval: float) -> None:
     uvloop.run(main())
 
 
-async def _one_stream(port: int, request: bytes) -> int:
+async def _one_stream(port: int, request: bytes) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
         await writer.drain()
-        received = 0
         while True:
             data = await reader.read(65536)
-            if not data:
-                break
-            received += len(data)
-            if data.endswith(b"0\r\n\r\n"):
-                break
-        return received
+            # Envoy may send the terminating zero-length chunk in a read of its own.
+            if not data or data.endswith(b"0\r\n\r\n"):
+                return
     finally:
         writer.close()
 
@@ -150,16 +136,7 @@ async def _drive(port: int, request: bytes, concurrency: int, streams: int) -> f
 def measure(target: Target, args: argparse.Namespace) -> dict[str, float]:
     target.start()
     try:
-        path, body = (
-            ("/v1/chat/completions", openai_body(ALIASES["openai_stream"], True))
-            if target.gateway
-            else ("/stream/v1/chat/completions", openai_body("gpt-4o-mini", True))
-        )
-        headers = {"Authorization": f"Bearer {MASTER_KEY}"} if target.gateway else {}
-        lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
-        lines += ["Content-Type: application/json", "Connection: close"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        request = target.raw_request("openai_stream")
         uvloop.run(_drive(target.port, request, args.concurrency, args.concurrency))  # warm-up
         before = cpu_by_role(target.processes)
         wall = uvloop.run(_drive(target.port, request, args.concurrency, args.streams))

@@ -40,6 +40,10 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def metric_delta(before: str, after: str, name: str, **labels: str) -> float:
+    return metric(after, name, **labels) - metric(before, name, **labels)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,6 +191,12 @@ class Gateway:
             if ready(text) or time.monotonic() > deadline:
                 return text
             time.sleep(0.05)
+
+    def metrics_changed(self, before: str, name: str, **labels: str) -> str:
+        """/metrics once the samples of `name` with `labels` differ from `before`."""
+        return self.metrics_when(
+            lambda m: metric(m, name, **labels) != metric(before, name, **labels)
+        )
 
     def write_config(self, config: dict[str, Any] | str) -> None:
         """Replace the config file; a dict keeps the listen/admin/metrics settings in use."""

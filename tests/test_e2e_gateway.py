@@ -21,6 +21,7 @@ from tests.harness import (
     MockUpstream,
     json_response,
     metric,
+    metric_delta,
     openai_chat_completion,
     running_gateway,
 )
@@ -390,7 +391,7 @@ def test_metrics_count_requests_tokens_and_errors(client: openai.OpenAI, gateway
     )
 
     def delta(name: str, **labels: str) -> float:
-        return metric(after, name, **labels) - metric(before, name, **labels)
+        return metric_delta(before, after, name, **labels)
 
     assert delta("llm_requests_total", model="gpt-test", status_code="200") == 3
     assert delta("llm_requests_total", model="gpt-test", status_code="429") == 1

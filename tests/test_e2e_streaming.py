@@ -16,7 +16,14 @@ import pytest
 from aiohttp import web
 
 from llmux_extproc import tokens
-from tests.harness import Gateway, MockUpstream, json_response, metric, running_gateway
+from tests.harness import (
+    Gateway,
+    MockUpstream,
+    json_response,
+    metric,
+    metric_delta,
+    running_gateway,
+)
 from tests.mock_anthropic import API_KEY as ANTHROPIC_KEY
 from tests.mock_anthropic import AnthropicMock
 
@@ -255,22 +262,10 @@ def test_passthrough_stream_matches_non_stream_and_is_accounted(
     # LLMux asked the upstream for usage, and dropped the usage chunk the client did not ask for.
     assert upstreams[0].last().json()["stream_options"] == {"include_usage": True}
     assert all(c.usage is None for c in chunks)
-    after = gateway.metrics_when(
-        lambda m: (
-            metric(m, "llm_token_usage_total", model="gpt", type="output")
-            != metric(before, "llm_token_usage_total", model="gpt", type="output")
-        )
-    )
-    assert (
-        metric(after, "llm_token_usage_total", model="gpt", type="output")
-        - metric(before, "llm_token_usage_total", model="gpt", type="output")
-        == 6
-    )
-    assert (
-        metric(after, "llm_streamed_tokens_total", model="gpt", type="input", estimated="false")
-        - metric(before, "llm_streamed_tokens_total", model="gpt", type="input", estimated="false")
-        == 12
-    )
+    after = gateway.metrics_changed(before, "llm_token_usage_total", model="gpt", type="output")
+    assert metric_delta(before, after, "llm_token_usage_total", model="gpt", type="output") == 6
+    streamed = {"model": "gpt", "type": "input", "estimated": "false"}
+    assert metric_delta(before, after, "llm_streamed_tokens_total", **streamed) == 12
     assert metric(after, "llm_time_to_first_token_seconds_count", model="gpt") > metric(
         before, "llm_time_to_first_token_seconds_count", model="gpt"
     )
@@ -428,17 +423,9 @@ def test_client_disconnect_cancels_upstream_and_is_accounted(
     assert streamer.closed_early, "the upstream never saw the disconnect"
     assert streamer.closed_early[0] - left < 1.0
     # Accounted as cut short (499), counted with tiktoken.
-    after = gateway.metrics_when(
-        lambda m: (
-            metric(m, "llm_requests_total", model="gpt", status_code="499")
-            != metric(before, "llm_requests_total", model="gpt", status_code="499")
-        )
-    )
-    assert (
-        metric(after, "llm_requests_total", model="gpt", status_code="499")
-        - metric(before, "llm_requests_total", model="gpt", status_code="499")
-        == 1
-    )
+    cut = {"model": "gpt", "status_code": "499"}
+    after = gateway.metrics_changed(before, "llm_requests_total", **cut)
+    assert metric_delta(before, after, "llm_requests_total", **cut) == 1
 
     def estimated(text: str, kind: str) -> float:
         return metric(text, "llm_streamed_tokens_total", model="gpt", type=kind, estimated="true")
@@ -468,17 +455,10 @@ def test_stream_cut_short_is_counted_with_tiktoken(
     before = gateway.metrics()
     with pytest.raises((openai.APIError, httpx.HTTPError)):
         collect(client.chat.completions.create(model="gpt-cut", messages=messages, stream=True))
-    after = gateway.metrics_when(
-        lambda m: (
-            metric(m, "llm_streamed_tokens_total", type="output", **labels)
-            != metric(before, "llm_streamed_tokens_total", type="output", **labels)
-        )
-    )
+    after = gateway.metrics_changed(before, "llm_streamed_tokens_total", type="output", **labels)
 
     def delta(kind: str) -> float:
-        return metric(after, "llm_streamed_tokens_total", type=kind, **labels) - metric(
-            before, "llm_streamed_tokens_total", type=kind, **labels
-        )
+        return metric_delta(before, after, "llm_streamed_tokens_total", type=kind, **labels)
 
     assert delta("input") == tokens.count_messages(messages, "gpt-4o")
     assert delta("output") == tokens.count_text(CUT_TEXT, "gpt-4o")
@@ -560,15 +540,8 @@ def test_passthrough_with_client_usage_costs_no_python_per_chunk(
     assert _extproc_messages(gateway) - before == 3
     # Accounted from Envoy's batched access log entry, with the provider's own counts.
     labels = {"model": "gpt", "type": "output", "estimated": "false"}
-    after = gateway.metrics_when(
-        lambda m: (
-            metric(m, "llm_streamed_tokens_total", **labels)
-            != metric(before_metrics, "llm_streamed_tokens_total", **labels)
-        )
-    )
-    delta = metric(after, "llm_streamed_tokens_total", **labels) - metric(
-        before_metrics, "llm_streamed_tokens_total", **labels
-    )
+    after = gateway.metrics_changed(before_metrics, "llm_streamed_tokens_total", **labels)
+    delta = metric_delta(before_metrics, after, "llm_streamed_tokens_total", **labels)
     assert delta == 6
     assert metric(after, "llm_requests_total", model="gpt", status_code="200") > metric(
         before_metrics, "llm_requests_total", model="gpt", status_code="200"
@@ -589,15 +562,8 @@ def test_passthrough_without_client_usage_drops_the_injected_chunk_in_envoy(
     assert all(c.usage is None and c.choices for c in chunks)  # the usage chunk never arrives
     assert _extproc_messages(gateway) - before == 3
     labels = {"model": "gpt", "type": "output", "estimated": "false"}
-    after = gateway.metrics_when(
-        lambda m: (
-            metric(m, "llm_streamed_tokens_total", **labels)
-            != metric(before_metrics, "llm_streamed_tokens_total", **labels)
-        )
-    )
-    delta = metric(after, "llm_streamed_tokens_total", **labels) - metric(
-        before_metrics, "llm_streamed_tokens_total", **labels
-    )
+    after = gateway.metrics_changed(before_metrics, "llm_streamed_tokens_total", **labels)
+    delta = metric_delta(before_metrics, after, "llm_streamed_tokens_total", **labels)
     assert delta == 6  # the provider's own count, read by Envoy before the chunk was dropped
 
 
@@ -625,15 +591,8 @@ def test_passthrough_reassembles_events_split_anywhere(
         assert chunks[-1].usage.completion_tokens == SPLIT_USAGE["completion_tokens"]
     else:
         assert all(c.choices and c.usage is None for c in chunks)
-    after = gateway.metrics_when(
-        lambda m: (
-            metric(m, "llm_streamed_tokens_total", **labels)
-            != metric(before, "llm_streamed_tokens_total", **labels)
-        )
-    )
-    delta = metric(after, "llm_streamed_tokens_total", **labels) - metric(
-        before, "llm_streamed_tokens_total", **labels
-    )
+    after = gateway.metrics_changed(before, "llm_streamed_tokens_total", **labels)
+    delta = metric_delta(before, after, "llm_streamed_tokens_total", **labels)
     assert delta == SPLIT_USAGE["completion_tokens"]
 
 
