@@ -289,7 +289,7 @@ class Gateway:
             return
         if usage:
             counted = Usage.from_openai(usage)
-        elif stream and cut_short is not None:  # cut short, or a provider that never counts
+        elif cut_short is not None:  # a stream cut short, or a provider that never counts
             counted = count_cut_short(cut_short, dep.model)
         else:
             counted = Usage(estimated=True)
@@ -433,10 +433,9 @@ def count_cut_short(kept: CutShort, model: str) -> Usage:
 
     def text() -> str:
         try:
-            decoded = orjson.loads(f'"{kept.escaped_text}"')
+            return str(orjson.loads(f'"{kept.escaped_text}"'))
         except orjson.JSONDecodeError:  # an escape response.lua cut wrongly: close enough
             return kept.escaped_text
-        return decoded if isinstance(decoded, str) else ""
 
     return _fill_in(Usage(), messages, text, model)
 

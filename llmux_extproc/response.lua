@@ -116,13 +116,19 @@ local function stream(handle, strip)
     local last = string.match(data, ".*()\n\n")
     local complete = last and string.sub(data, 1, last + 1) or ""
     pending = string.sub(data, #complete + 1)
-    local texts = {}
     if not counted then
       local usage = key_then(complete, '"usage"', "{", 1)
+      local texts = {}
       produced_text(usage and string.sub(complete, 1, usage) or complete, texts)
+      -- Fetched per use: Envoy's Lua objects do not outlive a yield.
+      local md = handle:streamInfo():dynamicMetadata()
+      if #texts > 0 then
+        n = n + 1
+        md:set(STREAM_NS, "t" .. n, table.concat(texts))
+      end
       if usage then
         counted = true -- the provider counted: nothing is left to count here
-        handle:streamInfo():dynamicMetadata():set(STREAM_NS, "prompt", "")
+        md:set(STREAM_NS, "prompt", "")
       end
     end
     if key_then(complete, '"choices"', "%[%s*%]", 1) then
@@ -132,11 +138,6 @@ local function stream(handle, strip)
       end
     end
     if rewrite or pending ~= "" then chunk:setBytes(complete) end
-    if #texts > 0 then
-      n = n + 1
-      -- Fetched per chunk: Envoy's Lua objects do not outlive a yield.
-      handle:streamInfo():dynamicMetadata():set(STREAM_NS, "t" .. n, table.concat(texts))
-    end
   end
 end
 
