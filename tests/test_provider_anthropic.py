@@ -799,7 +799,7 @@ STREAM_BODY = {
 def translator(body: dict[str, Any]) -> AnthropicStreamTranslator:
     t = ADAPTER.stream(client_request(body, stream=True), deployment())
     assert isinstance(t, AnthropicStreamTranslator)
-    t.created = 1_700_000_000  # outputs of translators made at different seconds compare
+    t.chunks.created = 1_700_000_000  # outputs of translators made at different seconds compare
     return t
 
 

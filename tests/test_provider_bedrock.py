@@ -799,25 +799,27 @@ def test_exception_event_becomes_error_event() -> None:
         mb.exception("throttlingException", "Too many tokens."),
     ]
     events = translate(b"".join(frames))
-    assert events[-1]["error"]["message"] == "Too many tokens."
-    assert events[-1]["error"]["type"] == "rate_limit_error"
-    assert "[DONE]" not in events
+    # The error event, then [DONE], as for every translated stream.
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    assert events[-2]["error"]["message"] == "Too many tokens."
+    assert events[-2]["error"]["type"] == "rate_limit_error"
 
 
 def test_error_message_type_and_corruption() -> None:
     error = mb.frame(
         {":message-type": "error", ":error-code": "InternalFailure", ":error-message": "boom"}, b""
     )
-    assert translate(error)[-1]["error"]["message"] == "boom"
+    assert translate(error)[-2]["error"]["message"] == "boom"
     corrupt = bytearray(mb.event("messageStart", {"role": "assistant"}))
     corrupt[-1] ^= 1
-    assert translate(bytes(corrupt))[-1]["error"]["code"] == "502"
+    assert translate(bytes(corrupt))[-2]["error"]["code"] == "502"
 
 
 def test_truncated_stream_is_an_error() -> None:
     data = stream_of(corpus.case("plain").request)
     events = translate(data[:-5])
-    assert events[-1]["error"]["message"] == "Bedrock stream ended before messageStop"
+    assert events[-2]["error"]["message"] == "Bedrock stream ended before messageStop"
+    assert events[-1] == "[DONE]"
 
 
 def test_translator_usage() -> None:

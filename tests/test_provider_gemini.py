@@ -572,7 +572,7 @@ def stream_case(c: Case) -> tuple[ClientRequest, bytes, Json]:
 
 def run_stream(req: ClientRequest, pieces: list[bytes]) -> tuple[bytes, gemini.GeminiStream]:
     translator = gemini.GeminiStream(req, deployment())
-    translator._created = 1_700_000_000  # the only wall-clock value in the output
+    translator.chunks.created = 1_700_000_000  # the only wall-clock value in the output
     out = b"".join(translator.feed(p) for p in pieces) + translator.finish()
     return out, translator
 

@@ -15,9 +15,10 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from llmux_extproc.config import ConfigError, Deployment, parse_config
 from llmux_extproc.errors import GatewayError
-from llmux_extproc.providers import google_auth, vertex
+from llmux_extproc.providers import vertex
+from llmux_extproc.providers.auth import google_auth
+from llmux_extproc.providers.auth.google_auth import GoogleAuth
 from llmux_extproc.providers.base import ClientRequest
-from llmux_extproc.providers.google_auth import GoogleAuth
 from tests import mock_gemini
 from tests.corpus import CASES, Case, case
 from tests.harness import MockUpstream, free_port
@@ -54,7 +55,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture
 def auth(monkeypatch: pytest.MonkeyPatch) -> GoogleAuth:
     fresh = GoogleAuth()
-    monkeypatch.setattr(vertex, "AUTH", fresh)
+    monkeypatch.setattr(google_auth, "AUTH", fresh)  # the cache every Vertex deployment uses
     return fresh
 
 

@@ -11,7 +11,7 @@ from urllib.parse import quote
 import pytest
 
 from llmux_extproc.errors import GatewayError
-from llmux_extproc.providers import sigv4
+from llmux_extproc.providers.auth import sigv4
 
 pytest.importorskip("botocore")
 

@@ -18,6 +18,7 @@ import orjson
 
 from llmux_extproc import pricing
 from llmux_extproc.errors import GatewayError
+from llmux_extproc.providers.auth import APIKeyHeader
 from llmux_extproc.providers.base import (
     Adapter,
     ClientRequest,
@@ -26,6 +27,7 @@ from llmux_extproc.providers.base import (
     UpstreamResult,
     extract_message,
 )
+from llmux_extproc.providers.openai_chunks import ChunkWriter
 from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
@@ -91,14 +93,15 @@ def _is_default(name: str, value: Any) -> bool:
 
 class AnthropicAdapter(Adapter):
     name = "anthropic"
+    auth = APIKeyHeader("x-api-key")
+    auth_headers = auth.headers
+    request_headers = frozenset({"content-type", "anthropic-version"})
 
-    def request(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
+    def translate(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
         if req.operation != "chat":
-            return super().request(req, dep)
+            return super().translate(req, dep)
         assert dep.upstream is not None
         headers = {"content-type": "application/json", "anthropic-version": API_VERSION}
-        if dep.api_key:
-            headers["x-api-key"] = dep.api_key
         body = build_body(req.body, dep, req.stream)
         return UpstreamRequest(dep.upstream.base_path + "/v1/messages", headers, orjson.dumps(body))
 
@@ -713,11 +716,8 @@ class AnthropicStreamTranslator(StreamTranslator):
 
     def __init__(self, model: str, include_usage: bool, mode: JsonMode | None) -> None:
         self.usage = Usage()
-        self.model = model
-        self.include_usage = include_usage
         self.mode = mode
-        self.created = int(time.time())
-        self.id = "msg_unknown"
+        self.chunks = ChunkWriter("msg_unknown", model, include_usage=include_usage)
         self._buffer = b""
         self._data: list[str] = []
         self._event = ""
@@ -726,12 +726,10 @@ class AnthropicStreamTranslator(StreamTranslator):
         self._tool_calls = 0
         self._usage_raw: dict[str, Any] = {}
         self._finish: str | None = None
-        self._started = False
-        self._done = False
 
     def feed(self, chunk: bytes) -> bytes:
         self._buffer += chunk
-        while not self._done:
+        while not self.chunks.closed:
             end = self._buffer.find(b"\n")
             if end < 0:
                 break
@@ -740,12 +738,12 @@ class AnthropicStreamTranslator(StreamTranslator):
         return self._flush()
 
     def finish(self) -> bytes:
-        if not self._done:
+        if not self.chunks.closed:
             if self._buffer:
                 self._line(self._buffer)
                 self._buffer = b""
             self._line(b"")  # a last event without its blank line
-        if not self._done:
+        if not self.chunks.closed:
             if self._finish is None:
                 self._fail("api_error", "The anthropic stream ended before the message did.")
             else:
@@ -787,40 +785,12 @@ class AnthropicStreamTranslator(StreamTranslator):
 
     # output
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> None:
-        body: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-        }
-        if self.include_usage:
-            body["usage"] = None
-        self._send(body)
-
-    def _send(self, body: dict[str, Any]) -> None:
-        self._out.append(b"data: " + orjson.dumps(body) + b"\n\n")
-
     def _end(self) -> None:
-        if self.include_usage:
-            self._send(
-                {
-                    "id": self.id,
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": self.model,
-                    "choices": [],
-                    "usage": openai_usage(self.usage),
-                }
-            )
-        self._out.append(b"data: [DONE]\n\n")
-        self._done = True
+        self._out.append(self.chunks.done(openai_usage(self.usage)))
 
     def _fail(self, err_type: str, message: str) -> None:
         err = translate_error(500, orjson.dumps({"error": {"type": err_type, "message": message}}))
-        self._out.append(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n")
-        self._done = True
+        self._out.append(self.chunks.error(err))
 
     def _update_usage(self, raw: Any) -> None:
         if isinstance(raw, dict):
@@ -833,12 +803,10 @@ class AnthropicStreamTranslator(StreamTranslator):
     def _on_message_start(self, data: dict[str, Any]) -> None:
         message = data.get("message")
         message = message if isinstance(message, dict) else {}
-        self.id = str(message.get("id") or self.id)
-        self.model = str(message.get("model") or self.model)
+        self.chunks.id = str(message.get("id") or self.chunks.id)
+        self.chunks.model = str(message.get("model") or self.chunks.model)
         self._update_usage(message.get("usage"))
-        if not self._started:
-            self._started = True
-            self._chunk({"role": "assistant", "content": ""})
+        self._out.append(self.chunks.role())
 
     def _on_block_start(self, data: dict[str, Any]) -> None:
         block = data.get("content_block")
@@ -847,20 +815,16 @@ class AnthropicStreamTranslator(StreamTranslator):
         index = _int(data.get("index"))
         if kind == "text":
             self._blocks[index] = _Block("text")
-            if block.get("text"):
-                self._chunk({"content": block["text"]})
+            self._out.append(self.chunks.content(str(block.get("text") or "")))
         elif kind == "tool_use" and self.mode is not None and block.get("name") == JSON_TOOL:
             self._blocks[index] = _Block("json")
         elif kind == "tool_use":
             self._blocks[index] = _Block("tool", tool_index=self._tool_calls)
             self._tool_calls += 1
-            call = {
-                "index": self._blocks[index].tool_index,
-                "id": block.get("id"),
-                "type": "function",
-                "function": {"name": block.get("name"), "arguments": ""},
-            }
-            self._chunk({"tool_calls": [call]})
+            start = self.chunks.tool_call_start(
+                self._blocks[index].tool_index, block.get("id"), block.get("name")
+            )
+            self._out.append(start)
         elif kind == "thinking":
             self._blocks[index] = _Block("thinking")
         elif kind == "redacted_thinking":
@@ -875,10 +839,10 @@ class AnthropicStreamTranslator(StreamTranslator):
             return
         kind = delta.get("type")
         if kind == "text_delta" and delta.get("text"):
-            self._chunk({"content": delta["text"]})
+            self._out.append(self.chunks.content(delta["text"]))
         elif kind == "thinking_delta" and delta.get("thinking"):
             block.text.append(delta["thinking"])
-            self._chunk({"reasoning_content": delta["thinking"]})
+            self._out.append(self.chunks.reasoning(delta["thinking"]))
         elif kind == "signature_delta":
             block.signature += str(delta.get("signature") or "")
         elif kind == "input_json_delta" and delta.get("partial_json"):
@@ -886,10 +850,9 @@ class AnthropicStreamTranslator(StreamTranslator):
 
     def _on_json_fragment(self, block: _Block, fragment: str) -> None:
         if block.kind == "tool":
-            call = {"index": block.tool_index, "function": {"arguments": fragment}}
-            self._chunk({"tool_calls": [call]})
+            self._out.append(self.chunks.tool_call_arguments(block.tool_index, fragment))
         elif block.kind == "json" and self.mode is not None and not self.mode.wrapped:
-            self._chunk({"content": fragment})
+            self._out.append(self.chunks.content(fragment))
         elif block.kind == "json":
             block.text.append(fragment)  # unwrapped once complete, at content_block_stop
 
@@ -899,27 +862,29 @@ class AnthropicStreamTranslator(StreamTranslator):
             return
         if block.kind == "thinking":
             whole = {"type": "thinking", "thinking": "".join(block.text)}
-            self._chunk({"thinking_blocks": [{**whole, "signature": block.signature}]})
+            thinking = [{**whole, "signature": block.signature}]
+            self._out.append(self.chunks.delta({"thinking_blocks": thinking}))
         elif block.kind == "redacted_thinking":
-            self._chunk({"thinking_blocks": [{"type": "redacted_thinking", "data": block.data}]})
+            redacted = [{"type": "redacted_thinking", "data": block.data}]
+            self._out.append(self.chunks.delta({"thinking_blocks": redacted}))
         elif block.kind == "json" and block.text and self.mode is not None and self.mode.wrapped:
             try:
                 value = orjson.loads("".join(block.text))
             except orjson.JSONDecodeError:
                 value = None
-            self._chunk({"content": _json_text(value, self.mode)})
+            self._out.append(self.chunks.content(_json_text(value, self.mode)))
 
     def _on_message_delta(self, data: dict[str, Any]) -> None:
         self._update_usage(data.get("usage"))
         delta = data.get("delta")
         stop = delta.get("stop_reason") if isinstance(delta, dict) else None
         self._finish = finish_reason(stop, self._tool_calls > 0)
-        self._chunk({}, self._finish)
+        self._out.append(self.chunks.finish(self._finish))
 
     def _on_message_stop(self, data: dict[str, Any]) -> None:
         if self._finish is None:
             self._finish = "stop"
-            self._chunk({}, self._finish)
+            self._out.append(self.chunks.finish(self._finish))
         self._end()
 
     def _on_error(self, data: dict[str, Any]) -> None:

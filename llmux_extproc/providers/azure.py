@@ -16,6 +16,8 @@ from urllib.parse import quote
 import orjson
 
 from llmux_extproc.errors import GatewayError
+from llmux_extproc.providers.auth import litellm_param
+from llmux_extproc.providers.auth.azure import AzureAuth
 from llmux_extproc.providers.base import ClientRequest, UpstreamRequest
 from llmux_extproc.providers.openai import OpenAIAdapter
 
@@ -32,16 +34,18 @@ STREAM_USAGE_SINCE = "2024-09-01"
 
 class AzureAdapter(OpenAIAdapter):
     name = "azure"
+    auth = AzureAuth()
+    auth_headers = auth.headers
 
-    def request(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
+    def translate(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
         assert dep.upstream is not None
         operation = _OPERATIONS.get(req.operation)
         if operation is None:
-            return super(OpenAIAdapter, self).request(req, dep)
+            return super(OpenAIAdapter, self).translate(req, dep)
         # An api_base copied with its /openai suffix must not double it.
         base = dep.upstream.base_path.removesuffix("/openai")
         version = api_version(dep.params)
-        headers = {"content-type": "application/json", **auth_header(dep)}
+        headers = {"content-type": "application/json"}
         v1 = version in _V1_VERSIONS
         body = _body(req, dep, version, v1)
         if v1:
@@ -78,35 +82,11 @@ def _body(req: ClientRequest, dep: Deployment, version: str, v1: bool) -> bytes 
     return orjson.dumps({**req.body, **changes}) if changes else None
 
 
-def _param(params: Mapping[str, Any], key: str) -> str | None:
-    value = params.get(key)
-    if value is None:
-        return None
-    text = str(value)
-    if text.startswith("os.environ/"):  # config resolves this form only for api_key/api_base
-        return os.environ.get(text[len("os.environ/") :]) or None
-    return text or None
-
-
 def api_version(params: Mapping[str, Any]) -> str:
     return (
-        _param(params, "api_version") or os.environ.get("AZURE_API_VERSION") or DEFAULT_API_VERSION
-    )
-
-
-def auth_header(dep: Deployment) -> dict[str, str]:
-    token = _param(dep.params, "azure_ad_token") or (
-        None if dep.api_key else os.environ.get("AZURE_AD_TOKEN")
-    )
-    if token:
-        return {"authorization": f"Bearer {token.removeprefix('Bearer ')}"}
-    if dep.api_key:
-        return {"api-key": dep.api_key}
-    raise GatewayError(
-        401,
-        "No Azure credentials for this deployment: set litellm_params.api_key (or "
-        "AZURE_API_KEY) or litellm_params.azure_ad_token.",
-        code="missing_credentials",
+        litellm_param(params, "api_version")
+        or os.environ.get("AZURE_API_VERSION")
+        or DEFAULT_API_VERSION
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmux_extproc.errors import GatewayError
+from llmux_extproc.providers.auth import BackendAuth, NoAuth
 from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
@@ -62,25 +63,44 @@ class StreamTranslator:
 
 
 class Adapter:
-    """Base adapter: operations a provider lacks answer 400, naming the operation."""
+    """Base adapter: operations a provider lacks answer 400, naming the operation.
+
+    `request` is `translate` (path, headers and body, no credentials) followed by
+    `auth.apply` (the deployment's credentials on that final request). Callers that
+    translate and sign per attempt call the two themselves.
+    """
 
     name = "base"
     # True when the provider answers in OpenAI's format already: Envoy then passes successful
     # answers on by itself and reads their usage (see response.lua).
     openai_format = False
+    auth: BackendAuth = NoAuth()
+    # Lower-case names of every header `auth` may set, and of those `translate` sets: a
+    # retry removes both sets left by an attempt to another provider (see
+    # registry.provider_header_names).
+    auth_headers: frozenset[str] = frozenset()
+    request_headers: frozenset[str] = frozenset({"content-type"})
 
     def ready(self, dep: Deployment) -> bool:
         """Cheap check, on every request: can `request` sign/authorize right now?"""
-        return True
+        return self.auth.ready(dep)
 
     async def prepare(self, dep: Deployment) -> None:
         """Fetch or refresh credentials (OAuth tokens); called when `ready` is False."""
+        await self.auth.prepare(dep)
 
     def stream(self, req: ClientRequest, dep: Deployment) -> StreamTranslator | None:
         """A translator for a streamed response; None when the stream is already OpenAI's."""
         return None
 
     def request(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
+        """The upstream request, credentials included."""
+        upstream = self.translate(req, dep)
+        self.auth.apply(dep, upstream)
+        return upstream
+
+    def translate(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
+        """The upstream request without credentials."""
         raise GatewayError(
             400, f"{req.operation} is not supported by provider {dep.provider!r}", param="model"
         )

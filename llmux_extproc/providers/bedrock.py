@@ -2,7 +2,7 @@
 
 Converse is Bedrock's one request shape for every chat model family, so a single
 translation covers Claude, Llama, Mistral, Nova, ... Requests are signed with our own
-SigV4 (sigv4.py) over the final body; a Bedrock API key (`litellm_params.api_key`) is sent
+SigV4 (auth/sigv4.py) over the final body; a Bedrock API key (`litellm_params.api_key`) is sent
 as a bearer token instead.
 
 What cannot be expressed in Converse is refused with a 400 naming the parameter, unless the
@@ -31,7 +31,7 @@ import orjson
 
 from llmux_extproc import tokens
 from llmux_extproc.errors import GatewayError, bad_request
-from llmux_extproc.providers import sigv4
+from llmux_extproc.providers.auth import sigv4
 from llmux_extproc.providers.aws_eventstream import EventStreamDecoder, EventStreamError, Message
 from llmux_extproc.providers.base import (
     Adapter,
@@ -41,6 +41,7 @@ from llmux_extproc.providers.base import (
     UpstreamResult,
     extract_message,
 )
+from llmux_extproc.providers.openai_chunks import ChunkWriter
 from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
@@ -105,8 +106,11 @@ EMBEDDING_PARAMS = {"model", "input", "encoding_format", "dimensions", "user", "
 
 class BedrockAdapter(Adapter):
     name = "bedrock"
+    auth = sigv4.AWSSigV4(SERVICE)
+    auth_headers = auth.headers
+    request_headers = frozenset({"content-type", "accept"})
 
-    def request(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
+    def translate(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
         assert dep.upstream is not None
         model_id = model_id_of(dep.model)
         if req.operation == "chat":
@@ -117,11 +121,10 @@ class BedrockAdapter(Adapter):
             payload = embedding_body(req.body, model_id, dep.drop_params)
             action, accept = "invoke", "application/json"
         else:
-            return super().request(req, dep)
+            return super().translate(req, dep)
         body = orjson.dumps(payload)
         path = f"{dep.upstream.base_path}/model/{sigv4.encode_segment(model_id)}/{action}"
         headers = {"content-type": "application/json", "accept": accept}
-        headers.update(auth_headers(dep, path, headers, body))
         return UpstreamRequest(path, headers, body)
 
     def response(self, body: bytes, req: ClientRequest, dep: Deployment) -> UpstreamResult:
@@ -150,25 +153,6 @@ def model_id_of(model: str) -> str:
     # LiteLLM picks its route with `bedrock/converse/<id>` or `bedrock/invoke/<id>`; here
     # chat always goes through Converse, so the prefix only names the model.
     return model.removeprefix("converse/").removeprefix("invoke/")
-
-
-def auth_headers(
-    dep: Deployment, path: str, headers: dict[str, str], body: bytes
-) -> dict[str, str]:
-    if dep.api_key:  # a Bedrock API key: bearer auth, no signing
-        return {"authorization": f"Bearer {dep.api_key}"}
-    assert dep.upstream is not None
-    host = dep.upstream.authority
-    return sigv4.sign(
-        method="POST",
-        host=host,
-        path=path,
-        body=body,
-        headers={"content-type": headers["content-type"]},
-        credentials=sigv4.credentials_for(dep.params),
-        region=sigv4.region_for(dep.params, dep.upstream.host),
-        service=SERVICE,
-    )
 
 
 # -- chat request ------------------------------------------------------------------------
@@ -827,18 +811,14 @@ class ConverseStreamTranslator(StreamTranslator):
 
     def __init__(self, model: str, include_usage: bool, json_tool: bool) -> None:
         self.usage = Usage()
+        self.chunks = ChunkWriter(
+            f"chatcmpl-{uuid.uuid4().hex}", model, include_usage=include_usage
+        )
         self._decoder = EventStreamDecoder()
-        self._model = model
-        self._include_usage = include_usage
         self._json_tool = json_tool
-        self._id = f"chatcmpl-{uuid.uuid4().hex}"
-        self._created = int(time.time())
         self._tool_index: dict[int, int] = {}  # Converse block index -> OpenAI tool index
         self._json_blocks: set[int] = set()  # blocks of the forced JSON tool: content
-        self._role_sent = False
-        self._finish: str | None = None
-        self._usage_sent = False
-        self._failed = False
+        self._stopped = False  # messageStop seen
         self._handlers: dict[str, Callable[[JSON], bytes]] = {
             "messageStart": self._on_message_start,
             "contentBlockStart": self._on_block_start,
@@ -848,71 +828,46 @@ class ConverseStreamTranslator(StreamTranslator):
         }
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._failed:
+        if self.chunks.closed:
             return b""
         try:
             messages = self._decoder.feed(chunk)
         except EventStreamError as exc:
-            return self._fail(GatewayError(502, f"Bedrock stream is corrupt: {exc}"))
+            return self.chunks.error(GatewayError(502, f"Bedrock stream is corrupt: {exc}"))
         out = bytearray()
         for message in messages:
             out += self._on_frame(message)
-            if self._failed:
+            if self.chunks.closed:
                 break
         return bytes(out)
 
     def finish(self) -> bytes:
-        if self._failed:
-            return b""
-        if self._decoder.pending or self._finish is None:
-            return self._fail(GatewayError(502, "Bedrock stream ended before messageStop"))
-        out = b"" if self._usage_sent else self._usage_chunk()
-        return out + b"data: [DONE]\n\n"
-
-    def _fail(self, err: GatewayError) -> bytes:
-        # The status line is long gone: an SSE error event is what OpenAI clients raise on.
-        self._failed = True
-        return b"data: " + err.body() + b"\n\n"
+        if self._decoder.pending or not self._stopped:
+            return self.chunks.error(GatewayError(502, "Bedrock stream ended before messageStop"))
+        # The usage chunk waits for the end: `metadata` may come before the last frames.
+        return self.chunks.done(self.usage.to_openai())
 
     def _on_frame(self, message: Message) -> bytes:
         kind = message.header(":message-type")
         if kind == "exception":
             name = message.header(":exception-type")
-            return self._fail(
-                bedrock_error(500, message.payload, name or "InternalServerException")
-            )
+            err = bedrock_error(500, message.payload, name or "InternalServerException")
+            return self.chunks.error(err)
         if kind == "error":
             code = message.header(":error-code") or "InternalServerException"
             text = message.header(":error-message") or "Bedrock stream error"
-            return self._fail(bedrock_error(500, orjson.dumps({"message": text}), code))
+            return self.chunks.error(bedrock_error(500, orjson.dumps({"message": text}), code))
         handler = self._handlers.get(message.header(":event-type") or "")
         if handler is None:
             return b""  # contentBlockStop and events newer than this code carry nothing
         try:
             data = orjson.loads(message.payload)
         except orjson.JSONDecodeError:
-            return self._fail(GatewayError(502, "Bedrock stream event is not JSON"))
+            return self.chunks.error(GatewayError(502, "Bedrock stream event is not JSON"))
         return handler(data) if isinstance(data, dict) else b""
 
-    def _chunk(self, delta: JSON, finish: str | None = None) -> bytes:
-        if not self._role_sent:
-            delta = {"role": "assistant", **delta}
-            self._role_sent = True
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return self._sse({"choices": [choice]})
-
-    def _sse(self, fields: JSON) -> bytes:
-        chunk = {
-            "id": self._id,
-            "object": "chat.completion.chunk",
-            "created": self._created,
-            "model": self._model,
-            **fields,
-        }
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
     def _on_message_start(self, data: JSON) -> bytes:
-        return b"" if self._role_sent else self._chunk({"content": ""})
+        return self.chunks.role()
 
     def _on_block_start(self, data: JSON) -> bytes:
         start = data.get("start")
@@ -924,8 +879,7 @@ class ConverseStreamTranslator(StreamTranslator):
             self._json_blocks.add(block)
             return b""
         index = self._tool_index[block] = len(self._tool_index)
-        call = _tool_call(use.get("toolUseId"), use.get("name"), "")
-        return self._chunk({"tool_calls": [{"index": index, **call}]})
+        return self.chunks.tool_call_start(index, use.get("toolUseId"), use.get("name"))
 
     def _on_block_delta(self, data: JSON) -> bytes:
         delta = data.get("delta")
@@ -933,14 +887,14 @@ class ConverseStreamTranslator(StreamTranslator):
             return b""
         block = data.get("contentBlockIndex", 0)
         if isinstance(delta.get("text"), str):
-            return self._chunk({"content": delta["text"]})
+            # An empty text delta still opens the stream with the role, as it always has.
+            return self.chunks.delta({"content": delta["text"]})
         use = delta.get("toolUse")
         if isinstance(use, dict) and isinstance(use.get("input"), str):
             if block in self._json_blocks:
-                return self._chunk({"content": use["input"]})
+                return self.chunks.content(use["input"])
             if block in self._tool_index:
-                part = {"index": self._tool_index[block], "function": {"arguments": use["input"]}}
-                return self._chunk({"tool_calls": [part]})
+                return self.chunks.tool_call_arguments(self._tool_index[block], use["input"])
             return b""
         reasoning = delta.get("reasoningContent")
         if isinstance(reasoning, dict):
@@ -949,14 +903,14 @@ class ConverseStreamTranslator(StreamTranslator):
 
     def _on_reasoning(self, reasoning: JSON) -> bytes:
         if isinstance(reasoning.get("text"), str):
-            return self._chunk({"reasoning_content": reasoning["text"]})
+            return self.chunks.reasoning(reasoning["text"])
         # The signature closes a thinking block; clients send it back with tool results.
         if isinstance(reasoning.get("signature"), str):
             block = {"type": "thinking", "thinking": "", "signature": reasoning["signature"]}
-            return self._chunk({"thinking_blocks": [block]})
+            return self.chunks.delta({"thinking_blocks": [block]})
         if "redactedContent" in reasoning:
             block = {"type": "redacted_thinking", "data": reasoning["redactedContent"]}
-            return self._chunk({"thinking_blocks": [block]})
+            return self.chunks.delta({"thinking_blocks": [block]})
         return b""
 
     def _on_message_stop(self, data: JSON) -> bytes:
@@ -964,18 +918,12 @@ class ConverseStreamTranslator(StreamTranslator):
         finish = FINISH_REASONS.get(stop, "stop") if isinstance(stop, str) else "stop"
         if finish == "tool_calls" and not self._tool_index:
             finish = "stop"  # only the forced JSON tool ran
-        self._finish = finish
-        return self._chunk({}, finish)
+        self._stopped = True
+        return self.chunks.finish(finish)
 
     def _on_metadata(self, data: JSON) -> bytes:
         self.usage = usage_of(data.get("usage"))
-        return self._usage_chunk()
-
-    def _usage_chunk(self) -> bytes:
-        if not self._include_usage:
-            return b""
-        self._usage_sent = True
-        return self._sse({"choices": [], "usage": self.usage.to_openai()})
+        return b""
 
 
 ADAPTER = BedrockAdapter()

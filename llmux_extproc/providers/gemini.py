@@ -23,6 +23,7 @@ import orjson
 
 from llmux_extproc import tokens
 from llmux_extproc.errors import GatewayError, bad_request
+from llmux_extproc.providers.auth import APIKeyHeader
 from llmux_extproc.providers.base import (
     Adapter,
     ClientRequest,
@@ -31,6 +32,7 @@ from llmux_extproc.providers.base import (
     UpstreamResult,
     extract_message,
 )
+from llmux_extproc.providers.openai_chunks import ChunkWriter
 from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
@@ -127,11 +129,11 @@ def model_path(dep: Deployment, method: str) -> str:
 
 class GeminiAdapter(Adapter):
     name = "gemini"
+    auth = APIKeyHeader("x-goog-api-key")
+    auth_headers = auth.headers
 
-    def request(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
+    def translate(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
         headers = {"content-type": "application/json"}
-        if dep.api_key:
-            headers["x-goog-api-key"] = dep.api_key
         if req.operation == "embeddings":
             body = to_batch_embed_body(req, dep)
             return UpstreamRequest(model_path(dep, "batchEmbedContents"), headers, body)
@@ -907,13 +909,6 @@ def google_error(status: int, message: str, err: Json) -> GatewayError:
 # -- streaming ----------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Choice:
-    started: bool = False
-    finished: bool = False
-    turn: Turn = field(default_factory=Turn)
-
-
 class GeminiStream(StreamTranslator):
     """Gemini `alt=sse` events -> OpenAI chat.completion.chunk events.
 
@@ -925,17 +920,15 @@ class GeminiStream(StreamTranslator):
     def __init__(self, req: ClientRequest, dep: Deployment) -> None:
         self.usage = Usage()
         self._req = req
-        self._dep = dep
         self._buffer = b""
         self._data: list[bytes] = []
         self._other: list[bytes] = []  # non-SSE lines: an error body sent as plain JSON
         self._id: str | None = None
-        self._model = dep.model
-        self._created = int(time.time())
-        self._choices: dict[int, _Choice] = {}
-        self._failed = False
+        self._turns: dict[int, Turn] = {}  # per candidate index
         options = req.body.get("stream_options")
-        self._include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        # The id is the response's own once its first event arrives.
+        self.chunks = ChunkWriter(response_id({}, req), dep.model, include_usage=include_usage)
         self._single_call = req.body.get("parallel_tool_calls") is False
 
     def feed(self, chunk: bytes) -> bytes:
@@ -953,22 +946,13 @@ class GeminiStream(StreamTranslator):
         out = [self._line(self._buffer.rstrip(b"\r")) if self._buffer else b""]
         self._buffer = b""
         out.append(self._dispatch())
-        if self._other and not self._failed:
-            raw = b"\n".join(self._other)
-            out.append(self._error_event(gemini_error(502, raw)))
-        if not self._failed:
-            unfinished = [c for c in self._choices.values() if not c.finished]
-            if not self._choices or unfinished:
-                out.append(
-                    self._error_event(
-                        GatewayError(502, "the provider's stream ended before the answer did")
-                    )
-                )
-        if self._include_usage and not self._failed:
-            out.append(
-                self._event({**self._envelope(), "choices": [], "usage": self.usage.to_openai()})
-            )
-        out.append(b"data: [DONE]\n\n")
+        if self._other:
+            out.append(self.chunks.error(gemini_error(502, b"\n".join(self._other))))
+        unfinished = [i for i in self._turns if not self.chunks.finished(i)]
+        if not self._turns or unfinished:
+            err = GatewayError(502, "the provider's stream ended before the answer did")
+            out.append(self.chunks.error(err))
+        out.append(self.chunks.done(self.usage.to_openai()))
         return b"".join(out)
 
     def _line(self, line: bytes) -> bytes:
@@ -986,30 +970,30 @@ class GeminiStream(StreamTranslator):
             return b""
         raw = b"\n".join(self._data)
         self._data = []
-        if self._failed:
+        if self.chunks.closed:
             return b""
         try:
             event = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return self._error_event(GatewayError(502, "the provider sent an invalid stream event"))
+            return self.chunks.error(GatewayError(502, "the provider sent an invalid stream event"))
         if isinstance(event, list) and event:
             event = event[0]
         if not isinstance(event, dict):
             return b""
         if isinstance(event.get("error"), dict):
-            return self._error_event(gemini_error(502, raw))
+            return self.chunks.error(gemini_error(502, raw))
         return self._response(event)
 
     def _response(self, event: Json) -> bytes:
         if self._id is None:
-            self._id = response_id(event, self._req)
+            self._id = self.chunks.id = response_id(event, self._req)
         if isinstance(event.get("modelVersion"), str):
-            self._model = event["modelVersion"]
+            self.chunks.model = event["modelVersion"]
         if "usageMetadata" in event:
             self.usage = gemini_usage(event["usageMetadata"])
         blocked = blocked_prompt_error(event)
         if blocked is not None:
-            return self._error_event(blocked)
+            return self.chunks.error(blocked)
         out = []
         for i, candidate in enumerate(event.get("candidates") or []):
             if isinstance(candidate, dict):
@@ -1018,51 +1002,22 @@ class GeminiStream(StreamTranslator):
 
     def _candidate(self, candidate: Json, position: int) -> bytes:
         index = candidate.get("index", position)
-        state = self._choices.setdefault(index, _Choice())
+        turn = self._turns.setdefault(index, Turn())
         content = candidate.get("content")
         parts = content.get("parts") if isinstance(content, dict) else None
         seed = f"{self._id}\0{index}"
-        text, reasoning, calls = read_parts(parts, state.turn, seed, single_call=self._single_call)
+        text, reasoning, calls = read_parts(parts, turn, seed, single_call=self._single_call)
         delta: Json = {}
         if reasoning:
             delta["reasoning_content"] = "".join(reasoning)
         if text:
             delta["content"] = "".join(text)
         if calls:
-            first = len(state.turn.tool_calls) - len(calls)
+            first = len(turn.tool_calls) - len(calls)
             delta["tool_calls"] = [{"index": first + k, **c} for k, c in enumerate(calls)]
-        reason = finish_reason(candidate.get("finishReason"), bool(state.turn.tool_calls))
-        out = []
-        if delta:
-            out.append(self._delta(index, state, delta, None))
-        if reason and not state.finished:
-            state.finished = True
-            out.append(self._delta(index, state, {}, reason))
-        return b"".join(out)
-
-    def _delta(self, index: int, state: _Choice, delta: Json, reason: str | None) -> bytes:
-        if not state.started:
-            state.started = True
-            delta = {"role": "assistant", **delta}
-        choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
-        return self._event({**self._envelope(), "choices": [choice]})
-
-    def _envelope(self) -> Json:
-        return {
-            "id": self._id or response_id({}, self._req),
-            "object": "chat.completion.chunk",
-            "created": self._created,
-            "model": self._model,
-        }
-
-    def _error_event(self, err: GatewayError) -> bytes:
-        # OpenAI's SDKs raise on a stream event with an `error` member.
-        self._failed = True
-        return self._event(orjson.loads(err.body()))
-
-    @staticmethod
-    def _event(payload: Json) -> bytes:
-        return b"data: " + orjson.dumps(payload) + b"\n\n"
+        reason = finish_reason(candidate.get("finishReason"), bool(turn.tool_calls))
+        out = self.chunks.delta(delta, index) if delta else b""
+        return out + self.chunks.finish(reason, index) if reason else out
 
 
 # -- embeddings ---------------------------------------------------------------------------

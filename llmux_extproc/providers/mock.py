@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from llmux_extproc import sse, tokens
+from llmux_extproc import tokens
 from llmux_extproc.providers.base import Adapter, ClientRequest
 from llmux_extproc.providers.openai import client_wants_usage
+from llmux_extproc.providers.openai_chunks import ChunkWriter
 from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
@@ -85,38 +86,12 @@ class MockAdapter(Adapter):
 def _stream(
     completion_id: str, model: str, content: str, usage: Usage, with_usage: bool
 ) -> tuple[bytes, Usage, str]:
-    created = int(time.time())
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return sse.event(
-            {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
-        )
-
+    chunks = ChunkWriter(completion_id, model, include_usage=with_usage)
     words = content.split(" ")
-    parts = [chunk({"role": "assistant", "content": ""})]
-    parts += [chunk({"content": w if i == 0 else " " + w}) for i, w in enumerate(words)]
-    parts.append(chunk({}, "stop"))
-    if with_usage:
-        parts.append(
-            sse.event(
-                {
-                    "id": completion_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": usage.to_openai(),
-                }
-            )
-        )
-    parts.append(sse.DONE)
+    parts = [chunks.role()]
+    parts += [chunks.content(w if i == 0 else " " + w) for i, w in enumerate(words)]
+    parts.append(chunks.finish("stop"))
+    parts.append(chunks.done(usage.to_openai()))
     return b"".join(parts), usage, "text/event-stream"
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from llmux_extproc.errors import GatewayError
+from llmux_extproc.providers.auth import APIKeyHeader, BackendAuth
 from llmux_extproc.providers.base import (
     Adapter,
     ClientRequest,
@@ -32,12 +33,12 @@ _PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 class OpenAIAdapter(Adapter):
     name = "openai"
     openai_format = True
+    auth: BackendAuth = APIKeyHeader("authorization", "Bearer")
+    auth_headers = auth.headers
 
-    def request(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
+    def translate(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
         assert dep.upstream is not None
         headers = {"content-type": "application/json"}
-        if dep.api_key:
-            headers["authorization"] = f"Bearer {dep.api_key}"
         body = None
         if req.stream and not client_wants_usage(req.body):
             # Ask for the usage chunk so the stream is accounted from the provider's counts.

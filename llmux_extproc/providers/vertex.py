@@ -17,6 +17,7 @@ import orjson
 from llmux_extproc import tokens
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers import anthropic, gemini
+from llmux_extproc.providers.auth import google_auth
 from llmux_extproc.providers.base import (
     Adapter,
     ClientRequest,
@@ -24,14 +25,13 @@ from llmux_extproc.providers.base import (
     UpstreamRequest,
     UpstreamResult,
 )
-from llmux_extproc.providers.google_auth import AUTH
 from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
     from llmux_extproc.config import Deployment
 
 ANTHROPIC_VERSION = "vertex-2023-10-16"
-# Anthropic request headers Vertex honours; the API key and API version it does not.
+# Anthropic request headers Vertex honours; its API version it does not (the body has it).
 _ANTHROPIC_HEADERS = ("anthropic-beta",)
 
 
@@ -44,7 +44,7 @@ def project(dep: Deployment) -> str:
         dep.params.get("vertex_project")
         or os.environ.get("VERTEXAI_PROJECT")
         or os.environ.get("GOOGLE_CLOUD_PROJECT")
-        or AUTH.project_id(dep)  # a service-account key names its project
+        or google_auth.AUTH.project_id(dep)  # a service-account key names its project
     )
     if not isinstance(value, str) or not value:
         raise GatewayError(
@@ -74,18 +74,14 @@ def model_path(dep: Deployment, publisher: str, method: str) -> str:
 
 class VertexAdapter(Adapter):
     name = "vertex"
+    auth = google_auth.GoogleOAuth()
+    auth_headers = auth.headers
 
-    def ready(self, dep: Deployment) -> bool:
-        return AUTH.ready(dep)
-
-    async def prepare(self, dep: Deployment) -> None:
-        await AUTH.prepare(dep)
-
-    def request(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
-        headers = {"content-type": "application/json", **AUTH.headers(dep)}
+    def translate(self, req: ClientRequest, dep: Deployment) -> UpstreamRequest:
+        headers = {"content-type": "application/json"}
         if req.operation == "embeddings":
             if is_claude(dep):
-                return super().request(req, dep)
+                return super().translate(req, dep)
             return UpstreamRequest(
                 model_path(dep, "google", "predict"), headers, predict_body(req, dep)
             )
@@ -120,7 +116,7 @@ class VertexAdapter(Adapter):
 
 def claude_request(req: ClientRequest, dep: Deployment, headers: dict[str, str]) -> UpstreamRequest:
     """Anthropic's Messages body, re-addressed to Vertex's rawPredict."""
-    messages = anthropic.ADAPTER.request(req, dep)
+    messages = anthropic.ADAPTER.translate(req, dep)
     body: dict[str, Any] = orjson.loads(messages.body) if messages.body else {}
     body.pop("model", None)
     body["anthropic_version"] = ANTHROPIC_VERSION
