@@ -65,6 +65,7 @@ class Deployment:
     params: dict[str, Any]  # remaining litellm_params, for adapters (api_version, region, ...)
     model_info: dict[str, Any]
     drop_params: bool = False  # drop what the provider cannot honour instead of answering 400
+    max_parallel_requests: int | None = None
 
     @property
     def spec(self) -> ProviderSpec:
@@ -112,6 +113,71 @@ class Settings:
     max_response_body_bytes: int
     access_log: str  # "stdout", "off" or a file path
     reload_poll_s: float
+    drain_timeout_s: float = 60.0  # SIGTERM: how long in-flight requests may run on
+    # The seed's circuit breaker per deployment (policy.health.BreakerSettings): opens when
+    # more than failure_rate of at least min_requests attempts in window failed, stays open
+    # for open_time, then lets half_open_probes probes through.
+    breaker: dict[str, float] = field(default_factory=dict)
+
+
+# LiteLLM's retry_policy classes, and the statuses each stands for. A class set to 0 is
+# not retried (nor falls back); LiteLLM's per-class counts become one route-wide count in
+# Envoy (the largest), which the README states.
+RETRY_CLASSES: dict[str, tuple[int, ...]] = {
+    "AuthenticationErrorRetries": (401, 403),
+    "TimeoutErrorRetries": (408,),
+    "RateLimitErrorRetries": (429,),
+    "InternalServerErrorRetries": (500, 502, 503, 504, 529),
+    "BadRequestErrorRetries": (400,),
+    "ContentPolicyViolationErrorRetries": (),  # classified from the error body
+    "NotFoundErrorRetries": (404,),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    """LiteLLM's `router_settings` that LLMux honours (names and defaults as LiteLLM's)."""
+
+    routing_strategy: str = "simple-shuffle"
+    routing_strategy_args: dict[str, Any] = field(default_factory=dict)
+    num_retries: int = 0
+    retry_policy: dict[str, int] = field(default_factory=dict)
+    timeout_s: float | None = None  # per attempt, non-streamed
+    stream_timeout_s: float | None = None  # per attempt, streamed: until the answer starts
+    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    context_window_fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    content_policy_fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    default_fallbacks: tuple[str, ...] = ()
+    allowed_fails: int = 3
+    allowed_fails_policy: dict[str, int] = field(default_factory=dict)
+    cooldown_time_s: float = 5.0
+    disable_cooldowns: bool = False
+
+    def retriable_statuses(self) -> frozenset[int]:
+        """Provider statuses another attempt may fix (LiteLLM retries and falls back on
+        these; other 4xx are the client's own fault)."""
+        statuses = {401, 403, 404, 408, 429, 500, 502, 503, 504, 529}
+        for name, codes in RETRY_CLASSES.items():
+            if self.retry_policy.get(name) == 0:
+                statuses -= set(codes)
+            elif self.retry_policy.get(name):
+                statuses |= set(codes)
+        return frozenset(statuses)
+
+    def fallback_groups(self, group: str) -> tuple[tuple[str, str], ...]:
+        """(kind, group) in the order attempts reach them after the group's own: general
+        fallbacks, default fallbacks, then the context-window and content-policy ones."""
+        out: list[tuple[str, str]] = []
+        for kind, names in (
+            ("fallback", self.fallbacks.get(group, ())),
+            ("fallback", () if group in self.fallbacks else self.default_fallbacks),
+            ("context_window", self.context_window_fallbacks.get(group, ())),
+            ("content_policy", self.content_policy_fallbacks.get(group, ())),
+        ):
+            for name in names:
+                if name != group and name not in (g for _, g in out):
+                    out.append((kind, name))
+        return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,14 +185,24 @@ class Config:
     deployments: tuple[Deployment, ...]
     settings: Settings
     master_key: str | None = field(repr=False)
-    routing_strategy: str
-    num_retries: int
+    router: RouterSettings
     drop_params: bool
     warnings: tuple[str, ...] = ()
 
     @property
+    def routing_strategy(self) -> str:
+        return self.router.routing_strategy
+
+    @property
+    def num_retries(self) -> int:
+        return self.router.num_retries
+
+    @property
     def model_names(self) -> list[str]:
         return list(dict.fromkeys(d.model_name for d in self.deployments))
+
+    def group(self, name: str) -> list[Deployment]:
+        return [d for d in self.deployments if d.model_name == name]
 
     @property
     def upstreams(self) -> list[Upstream]:
@@ -136,7 +212,44 @@ class Config:
         return list(by_cluster.values())
 
 
-SUPPORTED_ROUTING = {"simple-shuffle"}
+SUPPORTED_ROUTING = {
+    "simple-shuffle",
+    "least-busy",
+    "latency-based-routing",
+    "usage-based-routing",
+    "usage-based-routing-v2",
+    "cost-based-routing",
+}
+# router_settings keys LiteLLM has and LLMux does not honour yet: each is a warning naming
+# it, never silently ignored. (Unknown keys are warned about too.)
+UNSUPPORTED_ROUTER_KEYS = {
+    "redis_host",
+    "redis_port",
+    "redis_password",
+    "redis_url",
+    "cache_responses",
+    "enable_pre_call_checks",
+    "model_group_alias",
+    "retry_after",
+    "provider_budget_config",
+    "enable_tag_filtering",
+}
+ROUTER_KEYS = {
+    "routing_strategy",
+    "routing_strategy_args",
+    "num_retries",
+    "retry_policy",
+    "timeout",
+    "stream_timeout",
+    "fallbacks",
+    "context_window_fallbacks",
+    "content_policy_fallbacks",
+    "default_fallbacks",
+    "allowed_fails",
+    "allowed_fails_policy",
+    "cooldown_time",
+    "disable_cooldowns",
+}
 PRICE_KEYS = {
     "input_cost_per_token",
     "output_cost_per_token",
@@ -199,19 +312,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     router = _mapping(raw.get("router_settings"), "router_settings")
     litellm = _mapping(raw.get("litellm_settings"), "litellm_settings")
 
-    strategy = _str(
-        router.get("routing_strategy", "simple-shuffle"), "router_settings.routing_strategy"
-    )
-    if strategy not in SUPPORTED_ROUTING:
-        warnings.append(
-            f"router_settings.routing_strategy: {strategy!r} is not supported yet; "
-            "using 'simple-shuffle'"
-        )
-        strategy = "simple-shuffle"
-    num_retries = _int(router.get("num_retries", litellm.get("num_retries", 0)), "num_retries")
-    for key in ("fallbacks", "context_window_fallbacks", "redis_host", "cache_responses"):
-        if key in router:
-            warnings.append(f"router_settings.{key}: not supported yet, ignored")
+    router_settings = _parse_router(router, litellm, warnings)
 
     master_key = general.get("master_key")
     if master_key is not None:
@@ -231,13 +332,25 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
         raise ConfigError(f"model_list: duplicate model_info.id {sorted(dup)}")
+    names = {d.model_name for d in deployments}
+    for where, table in (
+        ("fallbacks", router_settings.fallbacks),
+        ("context_window_fallbacks", router_settings.context_window_fallbacks),
+        ("content_policy_fallbacks", router_settings.content_policy_fallbacks),
+        ("default_fallbacks", {"*": router_settings.default_fallbacks}),
+    ):
+        for group, targets in table.items():
+            for name in (group, *targets):
+                if name != "*" and name not in names:
+                    raise ConfigError(
+                        f"router_settings.{where}: {name!r} is not a model_name in model_list"
+                    )
 
     return Config(
         deployments=deployments,
         settings=settings,
         master_key=master_key,
-        routing_strategy=strategy,
-        num_retries=num_retries,
+        router=router_settings,
         drop_params=drop_params,
         warnings=tuple(warnings),
     )
@@ -295,6 +408,9 @@ def _parse_deployment(index: int, item: Any, env: dict[str, str], drop_params: b
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{where}.litellm_params.{key}: must be a non-negative number")
 
+    max_parallel = _opt_int(
+        params.pop("max_parallel_requests", None), f"{where}.litellm_params.max_parallel_requests"
+    )
     dep_drop_params = bool(params.pop("drop_params", drop_params))
     dep_id = model_info.get("id")
     if dep_id is None:
@@ -315,7 +431,96 @@ def _parse_deployment(index: int, item: Any, env: dict[str, str], drop_params: b
         params=params,
         model_info=model_info,
         drop_params=dep_drop_params,
+        max_parallel_requests=max_parallel,
     )
+
+
+def _parse_router(
+    router: dict[str, Any], litellm: dict[str, Any], warnings: list[str]
+) -> RouterSettings:
+    w = "router_settings"
+    for key in router:
+        if key in UNSUPPORTED_ROUTER_KEYS:
+            warnings.append(f"{w}.{key}: not supported yet, ignored")
+        elif key not in ROUTER_KEYS:
+            warnings.append(f"{w}.{key}: unknown setting, ignored")
+    strategy = _str(router.get("routing_strategy", "simple-shuffle"), f"{w}.routing_strategy")
+    if strategy not in SUPPORTED_ROUTING:
+        warnings.append(
+            f"{w}.routing_strategy: {strategy!r} is not supported; using 'simple-shuffle'"
+        )
+        strategy = "simple-shuffle"
+
+    def setting(key: str, default: Any) -> Any:
+        # LiteLLM reads several of these from litellm_settings as well.
+        return router.get(key, litellm.get(key, default))
+
+    retry_policy = _mapping(router.get("retry_policy"), f"{w}.retry_policy")
+    for key, value in retry_policy.items():
+        if key not in RETRY_CLASSES:
+            warnings.append(f"{w}.retry_policy.{key}: unknown error class, ignored")
+        _int(value, f"{w}.retry_policy.{key}")
+    allowed_fails_policy = _mapping(router.get("allowed_fails_policy"), f"{w}.allowed_fails_policy")
+    for key, value in allowed_fails_policy.items():
+        _int(value, f"{w}.allowed_fails_policy.{key}")
+    timeout = setting("timeout", setting("request_timeout", None))
+    stream_timeout = setting("stream_timeout", None)
+    return RouterSettings(
+        routing_strategy=strategy,
+        routing_strategy_args=dict(
+            _mapping(router.get("routing_strategy_args"), f"{w}.routing_strategy_args")
+        ),
+        num_retries=_int(setting("num_retries", 0), f"{w}.num_retries"),
+        retry_policy={k: v for k, v in retry_policy.items() if k in RETRY_CLASSES},
+        timeout_s=None if timeout is None else _positive(timeout, f"{w}.timeout"),
+        stream_timeout_s=None
+        if stream_timeout is None
+        else _positive(stream_timeout, f"{w}.stream_timeout"),
+        fallbacks=_fallbacks(setting("fallbacks", None), f"{w}.fallbacks"),
+        context_window_fallbacks=_fallbacks(
+            setting("context_window_fallbacks", None), f"{w}.context_window_fallbacks"
+        ),
+        content_policy_fallbacks=_fallbacks(
+            setting("content_policy_fallbacks", None), f"{w}.content_policy_fallbacks"
+        ),
+        default_fallbacks=tuple(
+            _str(v, f"{w}.default_fallbacks[{i}]")
+            for i, v in enumerate(
+                _list(setting("default_fallbacks", None), f"{w}.default_fallbacks")
+            )
+        ),
+        allowed_fails=_int(setting("allowed_fails", 3), f"{w}.allowed_fails"),
+        allowed_fails_policy=dict(allowed_fails_policy),
+        cooldown_time_s=_non_negative(setting("cooldown_time", 5.0), f"{w}.cooldown_time"),
+        disable_cooldowns=bool(setting("disable_cooldowns", False)),
+    )
+
+
+def _fallbacks(value: Any, where: str) -> dict[str, tuple[str, ...]]:
+    """LiteLLM's shape: a list of one-key mappings, `[{"gpt-4o": ["claude", "llama"]}]`."""
+    out: dict[str, tuple[str, ...]] = {}
+    for i, item in enumerate(_list(value, where)):
+        entry = _mapping(item, f"{where}[{i}]")
+        for group, targets in entry.items():
+            if isinstance(targets, str):
+                targets = [targets]
+            names = _list(targets, f"{where}[{i}].{group}")
+            out[str(group)] = tuple(_str(t, f"{where}[{i}].{group}") for t in names)
+    return out
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: must be a list, got {type(value).__name__}")
+    return value
+
+
+def _non_negative(value: Any, where: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{where}: must be a non-negative number, got {value!r}")
+    return float(value)
 
 
 def _parse_upstream(api_base: str, where: str) -> Upstream:
@@ -344,6 +549,8 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         "max_response_body_bytes",
         "access_log",
         "reload_poll_interval",
+        "drain_timeout",
+        "circuit_breaker",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -378,7 +585,29 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         ),
         access_log=_str(raw.get("access_log", "stdout"), "llmux.access_log"),
         reload_poll_s=_positive(raw.get("reload_poll_interval", 1.0), "llmux.reload_poll_interval"),
+        drain_timeout_s=_positive(raw.get("drain_timeout", 60), "llmux.drain_timeout"),
+        breaker=_breaker(_mapping(raw.get("circuit_breaker"), "llmux.circuit_breaker")),
     )
+
+
+BREAKER_KEYS = {
+    "failure_rate": "failure_rate",
+    "min_requests": "min_requests",
+    "window": "window_s",
+    "open_time": "open_s",
+    "half_open_probes": "half_open_probes",
+}
+
+
+def _breaker(raw: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in raw.items():
+        if key not in BREAKER_KEYS:
+            raise ConfigError(
+                f"llmux.circuit_breaker.{key}: unknown; known: {sorted(BREAKER_KEYS)}"
+            )
+        out[BREAKER_KEYS[key]] = _positive(value, f"llmux.circuit_breaker.{key}")
+    return out
 
 
 def _resolve_secret(value: Any, where: str, env: dict[str, str]) -> str:

@@ -1,15 +1,11 @@
 """Envoy's configuration, generated from the LLMux `Config`; never written by hand.
 
-Two outputs: the bootstrap (listener, filters, routes, the ext_proc and metrics clusters),
-written once at start, and the provider clusters, served to Envoy through file-based CDS so
-a config reload changes them without restarting Envoy.
-
-The request path costs as few ext_proc messages as the features allow: request headers are
-skipped (the processor reads the few headers it needs as attributes of the body message),
-the request body is buffered (one message: auth, routing and translation at once), and the
-response body is buffered with its status code as an attribute (one message: usage, cost,
-translation). Envoy itself answers what needs no Python: health, unknown paths, its own
-upstream failures (rewritten into OpenAI's error shape by `local_reply_config`).
+Three outputs: the bootstrap (listeners, downstream filters, the ext_proc and metrics
+clusters), written once at start; the model-group clusters (CDS) and the routes (RDS),
+served to Envoy from files so a config reload changes them without restarting Envoy. The
+groups, routes and the upstream processor filter are in `envoy_routing`; the design is in
+docs/architecture.md. Envoy itself answers what needs no Python: health, unknown paths,
+its own upstream failures (rewritten into OpenAI's error shape by `local_reply_config`).
 """
 
 from __future__ import annotations
@@ -19,14 +15,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llmux_extproc.config import Config, Listen, Upstream
+from llmux_extproc import envoy_routing
+from llmux_extproc.config import Config, Listen
+from llmux_extproc.envoy_routing import EXTPROC_CLUSTER, MARKS_HEADER, RETRY_HEADER
 from llmux_extproc.errors import error_type
 
-EXTPROC_FILTER = "envoy.filters.http.ext_proc"
-EXTPROC_CLUSTER = "llmux_extproc"
 METRICS_CLUSTER = "llmux_metrics"
-ROUTE_HEADER = "x-llmux-cluster"
-STREAM_HEADER = "x-llmux-stream"  # set by the processor on streamed requests
+CONTROL_CLUSTER = "llmux_control"  # the supervisor's upstream-log server (controlplane.py)
+UPSTREAM_LOG_NAME = "llmux-attempts"
 # Dynamic metadata namespace the processor writes (per-request log fields, reply marks).
 METADATA_NAMESPACE = "llmux"
 # Where Envoy's sse_to_metadata filter puts the `usage` object of OpenAI-format streams.
@@ -36,6 +32,11 @@ USAGE_NAMESPACE = "llmux.usage"
 # provider's usage arrives) and the text produced so far (t1..tN, one per chunk, response.lua).
 STREAM_NAMESPACE = "llmux.stream"
 ACCESS_LOG_NAME = "llmux-streams"
+HEALTH_CHECK_INTERVAL_S = 0.5  # Envoy's gRPC health checks of each ext_proc worker
+# Set to 100 through Envoy's admin runtime while `llmux run` drains: new requests get 503.
+DRAINING_RUNTIME_KEY = "llmux.draining"
+READY_PATHS = "^/health/(ready|readiness)$"
+STILL_SERVED_WHILE_DRAINING = "^/(health/live|health/liveliness|metrics)$"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 _TYPE = "@type"
@@ -47,6 +48,9 @@ class RuntimePaths:
     """Where the running gateway keeps its sockets and generated files."""
 
     root: Path
+    # Loopback port of Envoy's sink listener (see envoy_routing); the supervisor picks a
+    # free one at start.
+    sink_port: int = 19902
 
     def extproc_socket(self, worker: int) -> Path:
         return self.root / f"extproc-{worker}.sock"
@@ -59,6 +63,19 @@ class RuntimePaths:
     def cds(self) -> Path:
         return self.root / "cds.json"
 
+    @property
+    def rds(self) -> Path:
+        return self.root / "rds.json"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.root / "control.sock"
+
+    @property
+    def deployments(self) -> Path:
+        """Deployment states the supervisor writes for `/health` (no secrets)."""
+        return self.root / "deployments.json"
+
 
 def address(listen: Listen) -> dict[str, Any]:
     if listen.path:
@@ -70,86 +87,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
-def upstream_cluster(up: Upstream, config: Config) -> dict[str, Any]:
-    s = config.settings
-    is_ip = up.host.replace(".", "").isdigit() or ":" in up.host or up.host == "localhost"
-    cluster: dict[str, Any] = {
-        "name": up.cluster,
-        # LOGICAL_DNS suits large provider front ends (one connection target, many IPs).
-        "type": "STATIC" if is_ip and up.host != "localhost" else "LOGICAL_DNS",
-        "dns_lookup_family": "V4_PREFERRED",
-        "connect_timeout": _duration(s.connect_timeout_s),
-        "per_connection_buffer_limit_bytes": s.max_response_body_bytes,
-        "load_assignment": {
-            "cluster_name": up.cluster,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {
-                                        "address": "127.0.0.1"
-                                        if up.host == "localhost"
-                                        else up.host,
-                                        "port_value": up.port,
-                                    }
-                                },
-                                "hostname": up.host,
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-        # LLM calls are long; Envoy's default of 1024 in-flight requests per cluster is a
-        # bulkhead sized for short RPCs.
-        "circuit_breakers": {
-            "thresholds": [
-                {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000}
-            ]
-        },
-    }
-    if cluster["type"] == "STATIC":
-        cluster.pop("dns_lookup_family")
-    protocol: dict[str, Any]
-    if up.tls:
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                _TYPE: _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": up.host,
-                "common_tls_context": {
-                    "alpn_protocols": ["h2", "http/1.1"],
-                    "validation_context": {
-                        "trusted_ca": {"filename": CA_BUNDLE},
-                        "match_typed_subject_alt_names": [
-                            {"san_type": "DNS", "matcher": {"exact": up.host}}
-                        ],
-                    },
-                },
-            },
-        }
-        protocol = {"auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}
-    else:
-        protocol = {"explicit_http_config": {"http_protocol_options": {}}}
-    cluster["typed_extension_protocol_options"] = {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            _TYPE: _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            **protocol,
-        }
-    }
-    return cluster
-
-
-def provider_clusters(config: Config) -> list[dict[str, Any]]:
-    return [upstream_cluster(up, config) for up in config.upstreams]
+def provider_clusters(
+    config: Config, paths: RuntimePaths, *, eds: bool = True
+) -> list[dict[str, Any]]:
+    """Group clusters; while running, their endpoints come from the supervisor's EDS files
+    (health and weights); `eds=False` inlines them (validation, `llmux envoy-config`)."""
+    return envoy_routing.provider_clusters(config, paths.sink_port, paths.root if eds else None)
 
 
 def cds_document(clusters: list[dict[str, Any]], version: str) -> dict[str, Any]:
     return {
         "version_info": version,
         "resources": [{_TYPE: _T + "envoy.config.cluster.v3.Cluster", **c} for c in clusters],
+    }
+
+
+def rds_document(config: Config, version: str) -> dict[str, Any]:
+    route = envoy_routing.route_configuration(config, _extra_routes(config))
+    return {
+        "version_info": version,
+        "resources": [{_TYPE: _T + "envoy.config.route.v3.RouteConfiguration", **route}],
     }
 
 
@@ -167,6 +124,7 @@ def _extproc_cluster(config: Config, paths: RuntimePaths) -> dict[str, Any]:
             "cluster_name": EXTPROC_CLUSTER,
             "endpoints": [{"lb_endpoints": endpoints}],
         },
+        **_extproc_healing(),
         "circuit_breakers": {
             "thresholds": [
                 {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 100000}
@@ -183,6 +141,182 @@ def _extproc_cluster(config: Config, paths: RuntimePaths) -> dict[str, Any]:
     }
 
 
+def _extproc_healing() -> dict[str, Any]:
+    """A worker that dies stops getting ext_proc streams: Envoy health-checks each one over
+    grpc.health.v1 every half second (two failures mark it down, one pass up again) and
+    ejects a worker whose socket refuses a stream at once (outlier detection on local-origin
+    failures), until its restarted successor passes a health check."""
+    every = _duration(HEALTH_CHECK_INTERVAL_S)
+    return {
+        "health_checks": [
+            {
+                # A dead worker fails at once (its socket refuses); the timeout is for a hung
+                # one, and generous enough that a busy event loop is not taken for one.
+                "timeout": "1s",
+                "interval": every,
+                # Envoy's defaults slow checks down while a cluster has no traffic (60 s) or
+                # a host is down; a restarted worker must be taken back within a second.
+                "no_traffic_interval": every,
+                "no_traffic_healthy_interval": every,
+                "unhealthy_interval": every,
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+                "always_log_health_check_failures": True,
+            }
+        ],
+        "outlier_detection": {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 1,
+            "enforcing_consecutive_local_origin_failure": 100,
+            # Only the local-origin detector: a worker's own gRPC errors are not its health.
+            "enforcing_consecutive_5xx": 0,
+            "enforcing_consecutive_gateway_failure": 0,
+            "enforcing_success_rate": 0,
+            "enforcing_local_origin_success_rate": 0,
+            "interval": "1s",
+            "base_ejection_time": "1s",
+            "max_ejection_time": "5s",
+            # A passing health check takes an ejected worker back (Envoy's default), so
+            # ejecting them all cannot outlast their recovery.
+            "max_ejection_percent": 100,
+        },
+        "common_lb_config": {
+            # No panic routing: with every worker down, ext_proc fails fast (503) instead of
+            # trying dead sockets.
+            "healthy_panic_threshold": {"value": 0},
+            # Health changes reach the load balancers at once, not batched for Envoy's
+            # default second (readiness, which reads the health stats, would run ahead).
+            "update_merge_window": "0s",
+        },
+    }
+
+
+def _health_check_filter() -> dict[str, Any]:
+    """/health/ready (and /health/readiness): 200 only while Envoy is not draining (admin
+    `/healthcheck/fail`, which `llmux run` posts on SIGTERM) and at least one ext_proc worker
+    passes Envoy's health checks. Answered by Envoy alone, before any other filter."""
+    return {
+        "name": "envoy.filters.http.health_check",
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.health_check.v3.HealthCheck",
+            "pass_through_mode": False,
+            "headers": [{"name": ":path", "string_match": {"safe_regex": {"regex": READY_PATHS}}}],
+            # Any worker healthy (1% < 1/64, the most workers there can be).
+            "cluster_min_healthy_percentages": {EXTPROC_CLUSTER: {"value": 1.0}},
+        },
+    }
+
+
+def _drain_filter() -> dict[str, Any]:
+    """While `llmux run` drains (it sets DRAINING_RUNTIME_KEY to 100 through the admin
+    runtime), every new request but liveness and metrics is refused with a 503 before it is
+    routed; requests already in flight are past this filter and finish. Envoy's fault filter,
+    which does nothing while the key is unset (0%)."""
+    return {
+        "name": "envoy.filters.http.fault",
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.fault.v3.HTTPFault",
+            "abort": {"http_status": 503, "percentage": {"numerator": 0}},
+            "abort_percent_runtime": DRAINING_RUNTIME_KEY,
+            "headers": [
+                {
+                    "name": ":path",
+                    "string_match": {"safe_regex": {"regex": STILL_SERVED_WHILE_DRAINING}},
+                    "invert_match": True,
+                }
+            ],
+        },
+    }
+
+
+def _with_drain_reply(local_reply: dict[str, Any]) -> dict[str, Any]:
+    """The drain filter's 503 (response flag FI) in OpenAI's shape, with a message that
+    says what happened; ahead of the generic mappers."""
+    mapper = {
+        "filter": {"response_flag_filter": {"flags": ["FI"]}},
+        "body": {"inline_string": "LLMux is shutting down; retry the request"},
+        "body_format_override": {
+            "json_format": {
+                "error": {
+                    "message": "%LOCAL_REPLY_BODY%",
+                    "type": error_type(503),
+                    "param": None,
+                    "code": "503",
+                }
+            },
+            "content_type": "application/json",
+        },
+    }
+    return {**local_reply, "mappers": [mapper, *local_reply["mappers"]]}
+
+
+def _control_cluster(paths: RuntimePaths) -> dict[str, Any]:
+    return {
+        "name": CONTROL_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": CONTROL_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"pipe": {"path": str(paths.control_socket)}}}}
+                    ]
+                }
+            ],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                _TYPE: _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+
+
+def _upstream_log() -> list[dict[str, Any]]:
+    """Every attempt's outcome for the supervisor's policies (cooldowns, breaker, latency):
+    batched over gRPC, with the deployment id from the chosen endpoint's metadata."""
+    return [
+        {
+            "name": "envoy.access_loggers.http_grpc",
+            "typed_config": {
+                _TYPE: _T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": {
+                    "log_name": UPSTREAM_LOG_NAME,
+                    "grpc_service": {"envoy_grpc": {"cluster_name": CONTROL_CLUSTER}},
+                    "transport_api_version": "V3",
+                    "buffer_flush_interval": "0.05s",
+                    "custom_tags": [
+                        {
+                            "tag": "llmux_host",
+                            "metadata": {
+                                "kind": {"host": {}},
+                                "metadata_key": {
+                                    "key": envoy_routing.HOST_NAMESPACE,
+                                    "path": [{"key": "d"}],
+                                },
+                            },
+                        },
+                        {
+                            "tag": "llmux_stream",
+                            "metadata": {
+                                "kind": {"request": {}},
+                                "metadata_key": {
+                                    "key": envoy_routing.REQUEST_NAMESPACE,
+                                    "path": [{"key": "stream"}],
+                                },
+                            },
+                        },
+                    ],
+                },
+                "additional_response_headers_to_log": ["retry-after"],
+            },
+        }
+    ]
+
+
 def _metrics_cluster(config: Config) -> dict[str, Any]:
     return {
         "name": METRICS_CLUSTER,
@@ -197,154 +331,59 @@ def _metrics_cluster(config: Config) -> dict[str, Any]:
     }
 
 
-def _extproc_filter(config: Config) -> dict[str, Any]:
-    body_limit = config.settings.max_request_body_bytes
-    return {
-        "name": EXTPROC_FILTER,
-        "typed_config": {
-            _TYPE: _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {
-                "envoy_grpc": {
-                    "cluster_name": EXTPROC_CLUSTER,
-                    # Prompts with images run to megabytes; gRPC's 4 MiB default would cut them.
-                    "max_receive_message_length": max(
-                        body_limit, config.settings.max_response_body_bytes
-                    )
-                    + 65536,
-                },
-                "timeout": "30s",
-            },
-            "processing_mode": {
-                # Headers must be held until the body is processed: the router picks the
-                # cluster from them. Only SEND holds them (SKIP lets them reach the router).
-                "request_header_mode": "SEND",
-                "request_body_mode": "BUFFERED",
-                # Likewise the response headers: held so the status, length and cost headers
-                # can still change once the body is translated and accounted.
-                "response_header_mode": "SEND",
-                "response_body_mode": "BUFFERED",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
-            "message_timeout": "10s",
-            "allow_mode_override": True,
-            "metadata_options": {
-                "receiving_namespaces": {"untyped": [METADATA_NAMESPACE, STREAM_NAMESPACE]}
-            },
-            "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
-            "failure_mode_allow": False,
-        },
-    }
+_INTERNAL_HEADERS = (RETRY_HEADER, MARKS_HEADER, "x-llmux-cluster", "x-llmux-stream")
 
 
-def _per_route_extproc(**overrides: Any) -> dict[str, Any]:
-    return {
-        EXTPROC_FILTER: {
-            _TYPE: _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-            **overrides,
-        }
-    }
-
-
-def _routes(config: Config) -> list[dict[str, Any]]:
-    s = config.settings
-    timeout = _duration(s.request_timeout_s)
-    llm_action = {
-        "cluster_header": ROUTE_HEADER,
-        "timeout": timeout,
-        # A request the processor did not route (empty body) has no cluster header.
-        "cluster_not_found_response_code": "SERVICE_UNAVAILABLE",
-    }
-    disabled = {"typed_per_filter_config": _per_route_extproc(disabled=True)}
+def _extra_routes(config: Config) -> list[dict[str, Any]]:
+    """Routes the processor never sees: health and metrics."""
     json_ct = [{"header": {"key": "content-type", "value": "application/json"}}]
-    internal = [ROUTE_HEADER, STREAM_HEADER]
-    chosen = {"name": ROUTE_HEADER, "present_match": True}
-    routes: list[dict[str, Any]] = [
+    table: list[dict[str, Any]] = [
         {
-            # A streamed answer may run long, but must not stall: bounded by idle time.
-            "match": {
-                "prefix": "/",
-                "headers": [chosen, {"name": STREAM_HEADER, "present_match": True}],
-            },
-            "route": {**llm_action, "idle_timeout": _duration(s.stream_idle_timeout_s)},
-            "request_headers_to_remove": internal,
-        },
-        {
-            # Once the processor has chosen a cluster, the rewritten :path (a provider's
-            # own, e.g. /v1/messages) must still route there.
-            "match": {"prefix": "/", "headers": [chosen]},
-            "route": llm_action,
-            "request_headers_to_remove": internal,
-        },
+            "match": {"path": path},
+            "direct_response": {"status": 200, "body": {"inline_string": '{"status":"healthy"}'}},
+            "response_headers_to_add": json_ct,
+        }
+        for path in (
+            "/health/live",
+            "/health/ready",
+            "/health/liveliness",
+            "/health/readiness",
+        )
     ]
-    for path in ("/v1/chat/completions", "/chat/completions", "/v1/embeddings", "/embeddings"):
-        routes.append(
-            {
-                "match": {
-                    "path": path,
-                    "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
-                },
-                "route": llm_action,
-            }
-        )
-    for path in ("/v1/models", "/models"):
-        routes.append(
-            {
-                "match": {
-                    "path": path,
-                    "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
-                },
-                # Never reached: the processor answers from the request headers.
-                "direct_response": {"status": 500},
-            }
-        )
-    for path in ("/health/liveliness", "/health/readiness", "/health"):
-        routes.append(
-            {
-                "match": {"path": path},
-                "direct_response": {
-                    "status": 200,
-                    "body": {"inline_string": '{"status":"healthy"}'},
-                },
-                "response_headers_to_add": json_ct,
-                **disabled,
-            }
-        )
-    routes.append(
-        {"match": {"path": "/metrics"}, "route": {"cluster": METRICS_CLUSTER}, **disabled}
-    )
-    routes.append(
+    # Deployment states: answered by the processor (behind the master key) from what the
+    # supervisor's control plane writes.
+    table.append(
         {
-            "match": {"prefix": "/"},
-            # local_reply_config renders the message as an OpenAI error body.
-            "direct_response": {
-                "status": 404,
-                "body": {
-                    "inline_string": "Unknown path. LLMux serves /v1/chat/completions, "
-                    "/v1/embeddings and /v1/models."
-                },
+            "match": {
+                "path": "/health",
+                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
             },
-            **disabled,
+            "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "10s"},
         }
     )
-    return routes
+    table.append({"match": {"path": "/metrics"}, "route": {"cluster": METRICS_CLUSTER}})
+    return table
 
 
 def _local_reply_config() -> dict[str, Any]:
     """Envoy's own error replies (no upstream, timeout, body too large, processor down) in
-    OpenAI's shape. The processor marks its own replies in dynamic metadata so they pass
-    untouched."""
-    # True when the processor did not mark the reply: an absent key matches, and the mark
-    # (a bool) never equals this string.
-    not_ours = {
-        "metadata_filter": {
-            "matcher": {
-                "filter": METADATA_NAMESPACE,
-                "path": [{"key": "own_reply"}],
-                "value": {"string_match": {"exact": "never"}},
+    OpenAI's shape. The processor's own replies (immediate responses of the upstream
+    filter) carry no response flags, Envoy's failures do (UF, URX, UT, ...): that tells
+    them apart, since metadata the upstream processor writes never reaches this point.
+    The one failure of Envoy's without a flag is the processor itself failing (a worker
+    gone mid-request), told by its response code details."""
+    processor_failed = {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                _TYPE: _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": "response.code_details.startsWith('ext_proc_error')",
             },
-            "match_if_key_not_found": True,
         }
+    }
+    not_ours: dict[str, Any] = {
+        # response_flag_filter without flags: any flag matches.
+        "or_filter": {"filters": [{"response_flag_filter": {}}, processor_failed]}
     }
     messages = {
         413: "Request body is larger than llmux.max_request_body_bytes",
@@ -523,36 +562,50 @@ def bootstrap(
         # Clients can quote it to operators; the access log carries the same id.
         "always_set_request_id_in_response": True,
         "access_log": _access_log(config),
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": _with_drain_reply(_local_reply_config()),
         "http_filters": [
+            _health_check_filter(),
+            _drain_filter(),
             {
-                # No client may choose a cluster: strip the routing header before anything reads it.
+                # Internal headers are LLMux's alone: clients cannot send them, and the
+                # processor's retry marker never reaches a client.
                 "name": "envoy.filters.http.header_mutation",
                 "typed_config": {
                     _TYPE: _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
                     "mutations": {
-                        "request_mutations": [{"remove": ROUTE_HEADER}, {"remove": STREAM_HEADER}]
+                        "request_mutations": [{"remove": h} for h in _INTERNAL_HEADERS],
+                        "response_mutations": [{"remove": RETRY_HEADER}],
                     },
                 },
             },
+            *envoy_routing.request_metadata_filters(),
             # Response order is the reverse: a stream's usage is read (sse_to_metadata)
             # before it is dropped (lua).
             _response_lua_filter(),
             _stream_usage_filter(),
-            _extproc_filter(config),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
                     _TYPE: _T + "envoy.extensions.filters.http.router.v3.Router",
                     "suppress_envoy_headers": False,
+                    "upstream_log": _upstream_log(),
                 },
             },
         ],
-        "route_config": {
-            "name": "llmux",
-            "virtual_hosts": [{"name": "llmux", "domains": ["*"], "routes": _routes(config)}],
-        },
     }
+    if static_clusters:
+        hcm["route_config"] = envoy_routing.route_configuration(config, _extra_routes(config))
+    else:
+        hcm["rds"] = {
+            "route_config_name": envoy_routing.ROUTE_CONFIG,
+            "config_source": {
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": str(paths.rds),
+                    "watched_directory": {"path": str(paths.root)},
+                },
+            },
+        }
     listener = {
         "name": "llmux",
         "address": address(s.listen),
@@ -569,11 +622,18 @@ def bootstrap(
             }
         ],
     }
-    clusters = [_extproc_cluster(config, paths), _metrics_cluster(config)]
+    clusters = [
+        _extproc_cluster(config, paths),
+        _metrics_cluster(config),
+        _control_cluster(paths),
+    ]
     doc: dict[str, Any] = {
         "node": {"id": "llmux", "cluster": "llmux"},
         "admin": {"address": address(s.admin)},
-        "static_resources": {"listeners": [listener], "clusters": clusters},
+        "static_resources": {
+            "listeners": [listener, envoy_routing.sink_listener(paths.sink_port)],
+            "clusters": clusters,
+        },
         "layered_runtime": {
             "layers": [
                 {
@@ -589,8 +649,9 @@ def bootstrap(
             ]
         },
     }
+    doc["layered_runtime"]["layers"].append({"name": "admin", "admin_layer": {}})  # drain key
     if static_clusters:
-        clusters.extend(provider_clusters(config))
+        clusters.extend(provider_clusters(config, paths, eds=False))
     else:
         doc["dynamic_resources"] = {
             "cds_config": {

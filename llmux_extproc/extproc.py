@@ -1,32 +1,40 @@
 """The ext_proc protocol: Envoy's ProcessingRequest messages in, ProcessingResponses out.
 
 This is the only module that knows the gRPC message shapes; decisions come from
-`gateway.Gateway`. One gRPC stream is one HTTP request. With the processing mode Envoy is
-configured with (see envoy_config), a proxied request costs four messages: the request
-headers (authentication; Envoy holds them until the body is done), the buffered request
-body (routing and translation), the response headers (status) and the buffered response
-body (usage, cost, translation; header changes still apply as Envoy holds the headers).
+`gateway.Gateway`. The processor runs as an *upstream* filter of each model group's
+cluster (envoy_routing), so one gRPC stream is one attempt of an HTTP request, on the
+endpoint Envoy chose: request headers (authentication from the key Envoy moved into
+metadata; which deployment, from the endpoint's metadata), the buffered request body
+(translation and signing for that deployment), the response headers (an OpenAI-format
+success goes on through Envoy alone; errors and translated answers ask for the body) and,
+for those, the buffered response body.
+
+What the processor writes as dynamic metadata stays on the attempt's own stream info
+(docs/architecture.md), so what Envoy's downstream filters and access log need travels as
+the `x-llmux-marks` response header, which response.lua reads and removes.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorServicer
 from envoy.type.v3.http_status_pb2 import HttpStatus
-from google.protobuf.struct_pb2 import Struct
 
 from llmux_extproc import metrics
-from llmux_extproc.envoy_config import (
-    METADATA_NAMESPACE,
-    ROUTE_HEADER,
-    STREAM_HEADER,
-    STREAM_NAMESPACE,
+from llmux_extproc.context import Attempt, Caller, RequestContext
+from llmux_extproc.envoy_routing import (
+    CLIENT_KEY_HEADERS,
+    MARKS_HEADER,
+    REQUEST_NAMESPACE,
+    RETRY_HEADER,
 )
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.gateway import (
@@ -35,7 +43,9 @@ from llmux_extproc.gateway import (
     Gateway,
     Immediate,
     PassThrough,
+    ResponseAction,
     StreamSession,
+    attempt_headers,
 )
 
 log = logging.getLogger("llmux.extproc")
@@ -56,8 +66,20 @@ _STREAMED_RESPONSE = ProcessingMode(
 )
 
 
+# Set (in reply to the response headers) for an answer whose body the processor handles
+# whole: errors (translated to OpenAI's shape, judged for a retry) and translated answers.
+_BUFFERED_RESPONSE = ProcessingMode(
+    response_header_mode=ProcessingMode.SEND,
+    response_body_mode=ProcessingMode.BUFFERED,
+    response_trailer_mode=ProcessingMode.SKIP,
+)
+
 _HEADERS_CONTINUE = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _RESPONSE_HEADERS_CONTINUE = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_HOST_ATTRIBUTES = "envoy.filters.http.ext_proc"
+# `xds.upstream_host_metadata` arrives as protobuf text format (a string, not a Struct):
+# the endpoint's `llmux.d` value is "<priority>|<deployment id>" (envoy_routing).
+_HOST_DEPLOYMENT = re.compile(r'key: "d" value \{ string_value: "((?:[^"\\]|\\.)*)"')
 
 
 def _set_headers(headers: Mapping[str, str]) -> list[HeaderValueOption]:
@@ -67,19 +89,18 @@ def _set_headers(headers: Mapping[str, str]) -> list[HeaderValueOption]:
     ]
 
 
-def _metadata(fields: Mapping[str, Any]) -> Struct:
-    # Setting the values directly is ~3x faster than Struct.update's generic conversion, and
-    # this runs on most requests; the values are flat strings, numbers and booleans.
-    struct = Struct()
-    inner = struct.fields[METADATA_NAMESPACE].struct_value.fields
+def encode_marks(fields: Mapping[str, Any]) -> str:
+    """The marks header response.lua turns into `llmux` dynamic metadata: `key=<t><value>`
+    pairs joined by `;`, t = b(ool), n(umber) or s(tring, percent-encoded)."""
+    parts = []
     for key, value in fields.items():
         if isinstance(value, bool):
-            inner[key].bool_value = value
-        elif isinstance(value, str):
-            inner[key].string_value = value
+            parts.append(f"{key}=b{int(value)}")
         elif isinstance(value, int | float):
-            inner[key].number_value = value
-    return struct
+            parts.append(f"{key}=n{value!r}")
+        elif isinstance(value, str):
+            parts.append(f"{key}=s{quote(value, safe='')}")
+    return ";".join(parts)
 
 
 def immediate(answer: Immediate) -> pb.ProcessingResponse:
@@ -87,6 +108,8 @@ def immediate(answer: Immediate) -> pb.ProcessingResponse:
         "content-type": answer.headers.get("content-type", "application/json"),
         **answer.headers,
     }
+    if answer.log:
+        headers[MARKS_HEADER] = encode_marks(answer.log)
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=HttpStatus(code=answer.status),  # type: ignore[arg-type]
@@ -94,24 +117,12 @@ def immediate(answer: Immediate) -> pb.ProcessingResponse:
             body=answer.body,
             details="llmux",
         ),
-        # Marks the reply as ours so Envoy's local_reply_config leaves it alone.
-        dynamic_metadata=_metadata({**answer.log, "own_reply": True}),
     )
 
 
 def forward(fwd: Forward) -> pb.ProcessingResponse:
     up = fwd.upstream
-    headers = {
-        ROUTE_HEADER: fwd.cluster,
-        ":path": up.path,
-        ":authority": fwd.authority,
-        **up.headers,
-    }
-    if fwd.exchange.req.stream:
-        headers[STREAM_HEADER] = "1"
-    if fwd.timeout_ms:
-        # Read by Envoy's router; clients cannot set it (Envoy strips it from edge requests).
-        headers["x-envoy-upstream-rq-timeout-ms"] = str(fwd.timeout_ms)
+    headers = {":path": up.path, ":authority": fwd.authority, **up.headers}
     body_mutation = None
     if up.body is not None:
         headers["content-length"] = str(len(up.body))
@@ -135,6 +146,30 @@ def _header_map(headers: Iterable[HeaderValue]) -> dict[str, str]:
     return {
         h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value for h in headers
     }
+
+
+def host_deployment(msg: pb.ProcessingRequest) -> tuple[int, str] | None:
+    """(priority, deployment id) of the endpoint Envoy chose for this attempt; None for
+    `llmux_local`, whose endpoint carries no deployment."""
+    attrs = msg.attributes.get(_HOST_ATTRIBUTES)
+    if attrs is None or "xds.upstream_host_metadata" not in attrs.fields:
+        return None
+    found = _HOST_DEPLOYMENT.search(attrs.fields["xds.upstream_host_metadata"].string_value)
+    if found is None:
+        return None
+    value = found.group(1)
+    if "\\" in value:  # text format escapes quotes, backslashes and non-ASCII bytes
+        value = value.encode("latin-1").decode("unicode_escape").encode("latin-1").decode()
+    priority, _, dep_id = value.partition("|")
+    return int(priority), dep_id
+
+
+def client_keys(msg: pb.ProcessingRequest) -> dict[str, str]:
+    """The client's key headers, which Envoy moved into metadata before routing."""
+    ns = msg.metadata_context.filter_metadata.get(REQUEST_NAMESPACE)
+    if ns is None:
+        return {}
+    return {k: ns.fields[k].string_value for k in CLIENT_KEY_HEADERS if k in ns.fields}
 
 
 class Processor(ExternalProcessorServicer):  # type: ignore[misc]
@@ -173,28 +208,44 @@ class Processor(ExternalProcessorServicer):  # type: ignore[misc]
 class _HttpStream:
     """The state of one HTTP request across its ext_proc messages."""
 
-    __slots__ = ("exchange", "gateway", "headers", "last_reply", "session", "status")
+    __slots__ = (
+        "ctx",
+        "exchange",
+        "gateway",
+        "headers",
+        "held",
+        "last_reply",
+        "session",
+        "status",
+    )
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         # Set when the reply being made is the last message Envoy will ask for.
         self.last_reply = False
         self.headers: dict[str, str] = {}
+        self.ctx: RequestContext | None = None
         self.exchange: Exchange | None = None
         self.status = 200
         self.session: StreamSession | None = None
+        # A deployment whose bulkhead place this attempt holds: given back when Envoy ends
+        # the stream (the attempt's end), so the RPC is kept open until then.
+        self.held: str | None = None
 
     async def handle(self, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
         kind = msg.WhichOneof("request")
         if kind == "request_headers":
-            return await self._request_headers(msg.request_headers)
+            return await self._request_headers(msg)
         if kind == "request_body":
+            assert self.ctx is not None
             decision = await self.gateway.on_body(
-                self.headers.get(":path", ""), msg.request_body.body
+                self.headers.get(":path", ""), msg.request_body.body, self.ctx
             )
             if isinstance(decision, Immediate):
                 return immediate(decision)
             self.exchange = decision.exchange
+            if decision.held:
+                self.held = decision.exchange.dep.id
             return forward(decision)
         if kind == "response_headers":
             return self._response_headers(msg.response_headers)
@@ -205,18 +256,27 @@ class _HttpStream:
         # Phases this configuration does not send; answer so Envoy never waits.
         return _continue(kind)
 
-    async def _request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        self.headers.update(_header_map(msg.headers.headers))
+    async def _request_headers(self, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        headers = msg.request_headers
+        self.headers.update(_header_map(headers.headers.headers))
         path = self.headers.get(":path", "")
-        answer = self.gateway.on_headers(self.headers.get(":method", ""), path, self.headers)
-        if answer is None and msg.end_of_stream:
+        answer = self.gateway.on_headers(self.headers.get(":method", ""), path, client_keys(msg))
+        if isinstance(answer, Immediate):
+            return immediate(answer)
+        self.ctx = self._context(answer, host_deployment(msg))
+        if headers.end_of_stream:
             # No body will follow (an empty POST): the body phase would never run.
-            decision = await self.gateway.on_body(path, b"")
+            decision = await self.gateway.on_body(path, b"", self.ctx)
             if isinstance(decision, Immediate):
                 return immediate(decision)
-        elif answer is not None:
-            return immediate(answer)
         return _HEADERS_CONTINUE
+
+    def _context(self, caller: Caller, host: tuple[int, str] | None) -> RequestContext:
+        number = int(self.headers.get("x-envoy-attempt-count") or 1)
+        if host is None:
+            return RequestContext(caller, Attempt(number, None))
+        priority, dep_id = host
+        return RequestContext(caller, Attempt(number, self.gateway.deployment(dep_id), priority))
 
     def _response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         for h in msg.headers.headers:
@@ -226,36 +286,42 @@ class _HttpStream:
             return _RESPONSE_HEADERS_CONTINUE
         handling = self.gateway.on_response_headers(self.exchange, self.status)
         if handling is None:
-            return _RESPONSE_HEADERS_CONTINUE
+            response = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+            response.mode_override.CopyFrom(_BUFFERED_RESPONSE)
+            return response
         if isinstance(handling, PassThrough):
-            model_id = {"x-litellm-model-id": self.exchange.dep.id}
+            headers = attempt_headers(self.exchange)
+            headers[MARKS_HEADER] = encode_marks(handling.log)
             self.exchange = None
-            self.last_reply = True  # the body is Envoy's alone
-            metadata = _metadata(handling.log)
-            if handling.prompt is not None:
-                kept = metadata.fields[STREAM_NAMESPACE].struct_value.fields
-                kept["prompt"].string_value = handling.prompt
+            # The body is Envoy's alone; a held bulkhead place waits for the stream's end.
+            self.last_reply = self.held is None
             response = pb.ProcessingResponse(
                 response_headers=pb.HeadersResponse(
                     response=pb.CommonResponse(
-                        header_mutation=pb.HeaderMutation(set_headers=_set_headers(model_id))
+                        header_mutation=pb.HeaderMutation(set_headers=_set_headers(headers))
                     )
                 ),
-                dynamic_metadata=metadata,
             )
             response.mode_override.CopyFrom(_PASSTHROUGH_RESPONSE)
             return response
         self.session = handling
         # A streamed answer: chunks go through the session as they come, so the length is
-        # unknown and the type is OpenAI's SSE whatever the provider sent.
+        # unknown and the type is OpenAI's SSE whatever the provider sent. Its tokens are
+        # accounted here at the end; the log line gets what is known now.
+        dep = self.exchange.dep
+        headers = {
+            "content-type": "text/event-stream",
+            "cache-control": "no-cache",
+            **attempt_headers(self.exchange),
+            MARKS_HEADER: encode_marks(
+                {"model": dep.model_name, "deployment": dep.id, "provider": dep.provider}
+            ),
+        }
         response = pb.ProcessingResponse(
             response_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(
                     header_mutation=pb.HeaderMutation(
-                        set_headers=_set_headers(
-                            {"content-type": "text/event-stream", "cache-control": "no-cache"}
-                        ),
-                        remove_headers=["content-length"],
+                        set_headers=_set_headers(headers), remove_headers=["content-length"]
                     )
                 )
             )
@@ -273,8 +339,7 @@ class _HttpStream:
         response = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
         if msg.end_of_stream:
             self.last_reply = True
-            action = session.close(completed=True)
-            response.dynamic_metadata.CopyFrom(_metadata(action.log))
+            session.close(completed=True)  # accounted here; the log line has the marks
         return response
 
     def _response_body(self, body: bytes) -> pb.ProcessingResponse:
@@ -283,7 +348,7 @@ class _HttpStream:
             return pb.ProcessingResponse(response_body=pb.BodyResponse())
         action = self.gateway.handle_response(self.exchange, self.status, body)
         self.exchange = None
-        out_headers = dict(action.headers)
+        out_headers = _answer_headers(action)
         body_mutation = None
         if action.body is not None:
             body_mutation = pb.BodyMutation(body=action.body)
@@ -298,12 +363,22 @@ class _HttpStream:
                     body_mutation=body_mutation,
                 )
             ),
-            dynamic_metadata=_metadata(action.log),
         )
 
     def abandon(self) -> None:
         if self.session is not None and not self.session.closed:
             self.session.close(completed=False)
+        if self.held is not None:
+            self.gateway.release(self.held)
+            self.held = None
+
+
+def _answer_headers(action: ResponseAction) -> dict[str, str]:
+    headers = dict(action.headers)
+    headers[MARKS_HEADER] = encode_marks(action.log)
+    if action.retry:
+        headers[RETRY_HEADER] = "1"  # Envoy's retry policy retries on it (envoy_routing)
+    return headers
 
 
 def _continue(kind: str | None) -> pb.ProcessingResponse:

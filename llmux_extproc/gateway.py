@@ -1,8 +1,13 @@
 """What LLMux does with one API request, as plain Python: no gRPC, no Envoy.
 
+Everything here runs once per *attempt*: the processor is an upstream filter of the model
+group's cluster, so Envoy has already chosen the deployment (`context.Attempt`), and a
+retry or fallback is a new attempt, possibly on another provider, in another worker.
+
 `Gateway.on_headers` authenticates and answers what needs no body (model list, errors);
 `Gateway.on_body` turns the request body into either an immediate answer (error, mock
-completion) or a `Forward` (cluster, path, headers, body for the chosen deployment).
+completion) or a `Forward` (path, headers, body translated and signed for this attempt's
+deployment).
 `Gateway.on_response_headers` decides who handles the answer: Envoy alone (`PassThrough`,
 accounted later by `account_passthrough`), a `StreamSession` chunk by chunk, or
 `handle_response` with the whole body. The ext_proc layer only carries these in and out.
@@ -10,9 +15,11 @@ accounted later by `account_passthrough`), a `StreamSession` chunk by chunk, or
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,7 +27,10 @@ import orjson
 from llmux_extproc import metrics, pricing, sse, tokens
 from llmux_extproc.auth import authenticate
 from llmux_extproc.config import PRICE_KEYS, Config, Deployment
+from llmux_extproc.context import DEFAULT_CALLER, Attempt, Caller, RequestContext
+from llmux_extproc.envoy_routing import attempts_per_group
 from llmux_extproc.errors import GatewayError, bad_request, error_type
+from llmux_extproc.policy.bulkhead import Bulkhead
 from llmux_extproc.providers.base import (
     Adapter,
     ClientRequest,
@@ -29,8 +39,7 @@ from llmux_extproc.providers.base import (
 )
 from llmux_extproc.providers.mock import MockAdapter
 from llmux_extproc.providers.openai import OpenAIStream, client_wants_usage
-from llmux_extproc.providers.registry import adapter_for
-from llmux_extproc.router import Router
+from llmux_extproc.providers.registry import adapter_for, provider_header_names
 from llmux_extproc.usage import Usage
 
 OPERATIONS = {
@@ -40,9 +49,21 @@ OPERATIONS = {
     "/embeddings": "embeddings",
 }
 MODEL_LIST_PATHS = {"/v1/models", "/models"}
-# Client headers that carry the client's own key: never forwarded to a provider.
-CLIENT_AUTH_HEADERS = ("authorization", "api-key", "x-api-key")
-TEAM = "default"  # until virtual keys bring teams
+# Headers any adapter may set: an attempt removes those a previous attempt (perhaps for
+# another provider) left on the shared request headers before setting its own.
+PROVIDER_HEADERS = provider_header_names()
+# Said by providers when a prompt does not fit, or an answer was refused on content: such
+# a 400 is worth another group (context_window_fallbacks, content_policy_fallbacks).
+_CONTEXT_WINDOW_HINTS = (
+    "context length",
+    "context_length",
+    "context window",
+    "maximum context",
+    "prompt is too long",
+    "input is too long",
+    "too many tokens",
+)
+_CONTENT_POLICY_HINTS = ("content policy", "content_policy", "content_filter", "safety")
 VALID_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 
@@ -58,23 +79,25 @@ class Immediate:
 
 @dataclass(slots=True)
 class Exchange:
-    """What the response phase needs to know about its request."""
+    """What the response phase needs to know about its attempt."""
 
     req: ClientRequest
     dep: Deployment
     adapter: Adapter
     price: pricing.ModelPrice | None
     started: float
+    ctx: RequestContext = field(
+        default_factory=lambda: RequestContext(DEFAULT_CALLER, Attempt(1, None))
+    )
 
 
 @dataclass(slots=True)
 class Forward:
-    cluster: str
     authority: str
     upstream: UpstreamRequest
     exchange: Exchange
-    timeout_ms: int | None = None
-    remove_headers: tuple[str, ...] = CLIENT_AUTH_HEADERS
+    remove_headers: tuple[str, ...] = ()
+    held: bool = False  # holds a bulkhead place until the attempt ends
 
 
 @dataclass(slots=True)
@@ -83,16 +106,17 @@ class ResponseAction:
     body: bytes | None  # None: forward the provider's body unchanged
     headers: dict[str, str]
     log: dict[str, Any]
+    # The answer failed in a way another attempt (deployment, fallback group) may fix.
+    retry: bool = False
 
 
 @dataclass(slots=True)
 class PassThrough:
     """An answer Envoy passes on by itself; `log` marks it for response.lua and for
-    accounting from its access log entry. A stream also leaves its request body with Envoy
-    (`prompt`), to be counted only if the stream ends without the provider's usage."""
+    accounting from its access log entry (a stream's request body is kept there by
+    response.lua, to be counted only if the stream ends without the provider's usage)."""
 
     log: dict[str, Any]
-    prompt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +134,24 @@ class State:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.by_id = {d.id: d for d in config.deployments}
-        self.router = Router(config)
-        self.prices = {d.id: _price_for(d) for d in config.deployments}
+        router = config.router
+        # Which groups may answer for a requested model (itself, then its fallbacks), and
+        # how many attempts Envoy makes at most: an attempt's failure counts as the
+        # request's answer only when it is the last.
+        self.answering = {
+            name: {name, *(g for _, g in router.fallback_groups(name))}
+            for name in config.model_names
+        }
+        self.fallback_kinds = {
+            name: {kind for kind, _ in router.fallback_groups(name)} for name in config.model_names
+        }
+        self.max_attempts = {
+            name: attempts_per_group(router) * len(self.answering[name])
+            for name in config.model_names
+        }
+        self.retriable = router.retriable_statuses()
+        self.usage_routing = router.routing_strategy.startswith("usage-based")
+        self.prices = {d.id: price_for(d) for d in config.deployments}
         # What response.lua needs to cost an answer, per deployment, built once.
         self.price_marks = {dep_id: _price_marks(p) for dep_id, p in self.prices.items() if p}
         self.known_models = set(config.model_names)
@@ -127,7 +167,7 @@ class State:
         )
 
 
-def _price_for(dep: Deployment) -> pricing.ModelPrice | None:
+def price_for(dep: Deployment) -> pricing.ModelPrice | None:
     price = pricing.lookup(dep.model, dep.provider)
     if PRICE_KEYS & dep.params.keys():  # per-deployment prices, as in LiteLLM
         price = (price or pricing.ModelPrice.from_entry({})).with_overrides(dep.params)
@@ -147,29 +187,54 @@ def _price_marks(price: pricing.ModelPrice) -> dict[str, float]:
 class Gateway:
     def __init__(self, config: Config) -> None:
         self.state = State(config)
+        self.refresh: Callable[[], object] | None = None
+        self._refreshed = 0.0
+        # Set by the worker when it runs under `llmux run` (the file is shared by workers).
+        self.bulkhead: Bulkhead | None = None
+        # Tokens per deployment for the supervisor's usage-based routing (TPM).
+        self.report_tokens: Callable[[str, int], None] | None = None
 
     def reload(self, config: Config) -> None:
         # One assignment: a request sees the old state or the new one, never a mix.
         self.state = State(config)
 
+    def deployment(self, dep_id: str) -> Deployment | None:
+        """The deployment of an endpoint Envoy chose. An id this worker does not know yet
+        means Envoy already has a reloaded config this worker's signal has not brought
+        yet: `refresh` (set by the worker) re-reads it then, at most once a second."""
+        dep = self.state.by_id.get(dep_id)
+        if dep is None and self.refresh is not None:
+            now = time.monotonic()
+            if now - self._refreshed > 1.0:
+                self._refreshed = now
+                self.refresh()
+                dep = self.state.by_id.get(dep_id)
+        return dep
+
     # -- request phase -------------------------------------------------------------
 
-    def on_headers(self, method: str, path: str, headers: Mapping[str, str]) -> Immediate | None:
-        """Request headers: authenticate and answer what needs no body; None reads the body."""
+    def on_headers(
+        self, method: str, path: str, client_keys: Mapping[str, str]
+    ) -> Immediate | Caller:
+        """Request headers of an attempt: authenticate (the client's key headers, which
+        Envoy moved into metadata) and answer what needs no body."""
         state = self.state
         try:
-            authenticate(headers, state.config.master_key)
+            authenticate(client_keys, state.config.master_key)
         except GatewayError as err:
             return _error(err)
         path = path.partition("?")[0]
         if method == "GET" and path in MODEL_LIST_PATHS:
             return Immediate(200, state.model_list)
+        if method == "GET" and path == "/health":
+            return Immediate(200, deployment_health())
         if path not in OPERATIONS:
             return _error(GatewayError(404, f"Unknown path {path!r}"))
-        return None
+        return DEFAULT_CALLER
 
-    async def on_body(self, path: str, body: bytes) -> Immediate | Forward:
-        """The buffered request body of an authenticated request: choose and translate."""
+    async def on_body(self, path: str, body: bytes, ctx: RequestContext) -> Immediate | Forward:
+        """The buffered request body of an authenticated attempt: translate it for the
+        deployment Envoy chose."""
         state = self.state
         try:
             limit = state.config.settings.max_request_body_bytes
@@ -186,30 +251,63 @@ class Gateway:
                     param="model",
                     code="model_not_found",
                 )
-            dep = state.router.pick(req.model)
+            dep = ctx.attempt.deployment
+            if dep is None or dep.model_name not in state.answering[req.model]:
+                # Envoy's routes and this worker's config disagree: a reload is under way.
+                raise GatewayError(
+                    503, f"The model {req.model!r} is being reconfigured; retry the request."
+                )
             adapter = adapter_for(dep.spec)
             if isinstance(adapter, MockAdapter):
-                return self._mock(req, dep, adapter, state)
+                return self._mock(req, dep, adapter, state, ctx)
             if not adapter.ready(dep):
                 await adapter.prepare(dep)
             upstream = adapter.request(req, dep)
+            held = self._admit(dep)
         except GatewayError as err:
             return _error(err)
         assert dep.upstream is not None
+        remove: tuple[str, ...] = ()
+        if ctx.attempt.number > 1:
+            remove = tuple(h for h in PROVIDER_HEADERS if h not in upstream.headers)
         return Forward(
-            cluster=dep.upstream.cluster,
             authority=dep.upstream.authority,
             upstream=upstream,
-            exchange=Exchange(req, dep, adapter, state.prices.get(dep.id), time.monotonic()),
-            timeout_ms=int(dep.timeout_s * 1000) if dep.timeout_s else None,
+            exchange=Exchange(req, dep, adapter, state.prices.get(dep.id), time.monotonic(), ctx),
+            remove_headers=remove,
+            held=held,
         )
 
+    def _admit(self, dep: Deployment) -> bool:
+        """The deployment's bulkhead (max_parallel_requests): True when this attempt holds
+        a place, to be given back when it ends; full answers a 429 naming it."""
+        cap = dep.max_parallel_requests
+        if cap is None or self.bulkhead is None:
+            return False
+        if not self.bulkhead.acquire(dep.id, cap):
+            raise GatewayError(
+                429,
+                f"Deployment {dep.id!r} of {dep.model_name!r} is at its max_parallel_requests "
+                f"({cap}); retry later.",
+                code="max_parallel_requests",
+            )
+        return True
+
+    def release(self, dep_id: str) -> None:
+        if self.bulkhead is not None:
+            self.bulkhead.release(dep_id)
+
     def _mock(
-        self, req: ClientRequest, dep: Deployment, adapter: MockAdapter, state: State
+        self,
+        req: ClientRequest,
+        dep: Deployment,
+        adapter: MockAdapter,
+        state: State,
+        ctx: RequestContext,
     ) -> Immediate:
         started = time.monotonic()
         body, usage, content_type = adapter.answer(req, dep)
-        exchange = Exchange(req, dep, adapter, state.prices.get(dep.id), started)
+        exchange = Exchange(req, dep, adapter, state.prices.get(dep.id), started, ctx)
         action = self._account(exchange, 200, usage, None)
         return Immediate(200, body, {**action.headers, "content-type": content_type}, action.log)
 
@@ -238,9 +336,7 @@ class Gateway:
         if translator is None and self.state.config.settings.stream_accounting == "processor":
             translator = OpenAIStream(wants_usage)
         if translator is None:
-            marks = self._passthrough_marks(exchange, strip_usage=not wants_usage)
-            # orjson accepted the body, so it is UTF-8, as protobuf strings must be.
-            return PassThrough(marks, prompt=req.raw.decode())
+            return PassThrough(self._passthrough_marks(exchange, strip_usage=not wants_usage))
         return StreamSession(self, exchange, translator)
 
     def _passthrough_marks(self, exchange: Exchange, **flags: bool) -> dict[str, Any]:
@@ -313,13 +409,32 @@ class Gateway:
             err = exchange.adapter.error(status, body, dep)
             # Labelled by status class, not the provider's free-form type: bounded values.
             metrics.UPSTREAM_ERRORS.labels(error_type(err.status)).inc()
-            return self._account(exchange, err.status, None, err)
+            retry = self._worth_retrying(exchange, status, err)
+            action = self._account(exchange, err.status, None, err, final=not retry)
+            action.retry = retry
+            return action
         try:
             result = exchange.adapter.response(body, exchange.req, dep)
         except GatewayError as err:
             metrics.UPSTREAM_ERRORS.labels(error_type(err.status)).inc()
             return self._account(exchange, err.status, None, err)
         return self._account(exchange, status, result.usage, None, result.body)
+
+    def _worth_retrying(self, ex: Exchange, status: int, err: GatewayError) -> bool:
+        """Whether another attempt may fix this answer, and Envoy has one left for it."""
+        state = self.state
+        group = ex.req.model
+        if ex.ctx.attempt.number >= state.max_attempts.get(group, 1):
+            return False
+        if status in state.retriable:
+            return True
+        if status != 400:
+            return False
+        message = err.message.lower()
+        kinds = state.fallback_kinds.get(group, set())
+        if "context_window" in kinds and any(h in message for h in _CONTEXT_WINDOW_HINTS):
+            return True
+        return "content_policy" in kinds and any(h in message for h in _CONTENT_POLICY_HINTS)
 
     def _account(
         self,
@@ -328,23 +443,28 @@ class Gateway:
         usage: Usage | None,
         err: GatewayError | None,
         body: bytes | None = None,
+        *,
+        final: bool = True,
     ) -> ResponseAction:
         dep = ex.dep
         model = dep.model_name
-        metrics.REQUESTS.labels(model, dep.provider, str(status)).inc()
-        metrics.LATENCY.labels(dep.provider, model).observe(time.monotonic() - ex.started)
-        headers: dict[str, str] = {"x-litellm-model-id": dep.id}
+        if final:  # a failed attempt Envoy retries is counted as an upstream error only
+            metrics.REQUESTS.labels(model, dep.provider, str(status)).inc()
+            metrics.LATENCY.labels(dep.provider, model).observe(time.monotonic() - ex.started)
+        headers = attempt_headers(ex)
         log: dict[str, Any] = {"model": model, "deployment": dep.id, "provider": dep.provider}
         if err is not None:
             log["error"] = err.type
             return ResponseAction(err.status, err.body(), headers, log)
         if usage is not None:
-            _count_tokens(model, usage)
+            _count_tokens(ex.ctx.caller.team, model, usage)
+            if self.report_tokens is not None and self.state.usage_routing:
+                self.report_tokens(dep.id, usage.prompt_tokens + usage.completion_tokens)
             log["prompt_tokens"] = usage.prompt_tokens
             log["completion_tokens"] = usage.completion_tokens
             if ex.price is not None:
                 cost = pricing.cost(ex.price, usage)
-                metrics.SPEND.labels(TEAM, model).inc(cost)
+                metrics.SPEND.labels(ex.ctx.caller.team, model).inc(cost)
                 headers["x-llmux-response-cost"] = headers["x-litellm-response-cost"] = repr(cost)
                 log["cost"] = cost
         return ResponseAction(status, body, headers, log)
@@ -467,16 +587,50 @@ def _streamed_text(output: list[bytes]) -> str:
     return "".join(parts)
 
 
-def _count_tokens(model: str, usage: Usage) -> None:
+def _count_tokens(team: str, model: str, usage: Usage) -> None:
     counter = metrics.TOKENS
-    counter.labels(TEAM, model, "input").inc(usage.prompt_tokens)
-    counter.labels(TEAM, model, "output").inc(usage.completion_tokens)
+    counter.labels(team, model, "input").inc(usage.prompt_tokens)
+    counter.labels(team, model, "output").inc(usage.completion_tokens)
     if usage.cached_tokens:
-        counter.labels(TEAM, model, "cached_input").inc(usage.cached_tokens)
+        counter.labels(team, model, "cached_input").inc(usage.cached_tokens)
     if usage.cache_write_tokens:
-        counter.labels(TEAM, model, "cache_write").inc(usage.cache_write_tokens)
+        counter.labels(team, model, "cache_write").inc(usage.cache_write_tokens)
     if usage.reasoning_tokens:
-        counter.labels(TEAM, model, "reasoning").inc(usage.reasoning_tokens)
+        counter.labels(team, model, "reasoning").inc(usage.reasoning_tokens)
+
+
+def deployment_health() -> bytes:
+    """LiteLLM's /health shape (healthy and unhealthy endpoints, counts) from the states
+    the supervisor's control plane last wrote: cooldowns, circuit open or half-open."""
+    root = os.environ.get("LLMUX_RUNTIME_DIR")
+    try:
+        states = orjson.loads(Path(root, "deployments.json").read_bytes()) if root else {}
+    except (OSError, orjson.JSONDecodeError):
+        states = {}
+    healthy: list[dict[str, Any]] = []
+    unhealthy: list[dict[str, Any]] = []
+    for dep_id, st in states.items():
+        entry = {"model_id": dep_id, **st}
+        (healthy if st.get("state") == "healthy" else unhealthy).append(entry)
+    return orjson.dumps(
+        {
+            "healthy_endpoints": healthy,
+            "unhealthy_endpoints": unhealthy,
+            "healthy_count": len(healthy),
+            "unhealthy_count": len(unhealthy),
+        }
+    )
+
+
+def attempt_headers(ex: Exchange) -> dict[str, str]:
+    """LiteLLM's response headers: which deployment answered, after how many retries and
+    fallbacks."""
+    attempt = ex.ctx.attempt
+    return {
+        "x-litellm-model-id": ex.dep.id,
+        "x-litellm-attempted-retries": str(attempt.retries),
+        "x-litellm-attempted-fallbacks": str(attempt.priority),
+    }
 
 
 def _error(err: GatewayError) -> Immediate:

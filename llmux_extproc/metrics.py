@@ -67,6 +67,23 @@ ASYNCIO_TASKS = Gauge(
     multiprocess_mode="livesum",
 )
 CONFIG_RELOADS = Counter("llmux_config_reloads", "Config reload attempts", ["result"])
+# Written by the supervisor's control plane (one process), labelled by config values only.
+DEPLOYMENT_STATE = Gauge(
+    "llmux_deployment_state",
+    "Deployment state: 0 healthy, 1 partial (half-open probes), 2 down (cooling down or "
+    "circuit open); as LiteLLM's litellm_deployment_state",
+    ["deployment", "model"],
+    multiprocess_mode="max",
+)
+ATTEMPTS = Counter(
+    "llmux_upstream_attempts",
+    "Upstream attempts by deployment and kind (first, retry, fallback)",
+    ["deployment", "kind"],
+)
+COOLDOWNS = Counter("llmux_deployment_cooldowns", "Cooldowns started", ["deployment"])
+BREAKER = Counter(
+    "llmux_circuit_breaker_transitions", "Circuit breaker transitions", ["deployment", "state"]
+)
 
 
 def serve(host: str, port: int) -> None:

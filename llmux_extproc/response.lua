@@ -1,5 +1,5 @@
--- Runs inside Envoy on responses the LLMux processor handed back to Envoy (marked in the
--- `llmux` dynamic metadata), so that OpenAI-format answers need no Python after their
+-- Runs inside Envoy on responses the LLMux processor handed back to Envoy (marked by its
+-- `x-llmux-marks` header), so that OpenAI-format answers need no Python after their
 -- headers. The processor still decides everything: which responses, which prices.
 --
 -- stream: every passed-through stream. Until the provider's usage arrives, the text the model
@@ -194,8 +194,41 @@ local function body_usage(handle, marks)
   end
 end
 
+-- The processor's marks arrive as a response header (what an upstream filter writes as
+-- metadata stays on its attempt): `key=<t><value>;...`, t = b(ool), n(umber), s(tring,
+-- percent-encoded). They become the `llmux` metadata the access log reads.
+local function take_marks(handle)
+  local headers = handle:headers()
+  local raw = headers:get("x-llmux-marks")
+  if raw == nil then return nil end
+  headers:remove("x-llmux-marks")
+  local md = handle:streamInfo():dynamicMetadata()
+  local marks = {}
+  for key, t, value in string.gmatch(raw, "([^;=]+)=(%a)([^;]*)") do
+    local v
+    if t == "b" then v = value == "1"
+    elseif t == "n" then v = tonumber(value)
+    elseif string.find(value, "%", 1, true) then
+      v = string.gsub(value, "%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+    else v = value end
+    marks[key] = v
+    md:set("llmux", key, v)
+  end
+  return marks
+end
+
+-- A streamed request's body is kept for the access log: if its stream is passed through
+-- and ends without the provider's usage, the prompt is counted from it with tiktoken.
+function envoy_on_request(handle)
+  local request = handle:streamInfo():dynamicMetadata():get("llmux.request")
+  if request == nil or request["stream"] ~= true then return end
+  local body = handle:body()
+  if body == nil then return end
+  handle:streamInfo():dynamicMetadata():set(STREAM_NS, "prompt", body:getBytes(0, body:length()))
+end
+
 function envoy_on_response(handle)
-  local marks = handle:streamInfo():dynamicMetadata():get("llmux")
+  local marks = take_marks(handle)
   if marks == nil then return end
   if marks["stream"] then
     stream(handle, marks["strip_usage"])

@@ -15,12 +15,16 @@ from envoy.service.accesslog.v3.als_pb2_grpc import add_AccessLogServiceServicer
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import (
     add_ExternalProcessorServicer_to_server,
 )
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from llmux_extproc import metrics, tokens
 from llmux_extproc.accesslog import StreamAccounting
 from llmux_extproc.config import Config, ConfigError, file_stamp, load_config
+from llmux_extproc.controlplane import TOKENS_SOCKET, TokenReporter
 from llmux_extproc.extproc import Processor
 from llmux_extproc.gateway import Gateway
+from llmux_extproc.policy.bulkhead import Bulkhead
 
 log = logging.getLogger("llmux.worker")
 
@@ -71,9 +75,20 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
     config = load_config(config_path)
     gateway = Gateway(config)
     reloader = Reloader(config_path, gateway)
+    gateway.refresh = lambda: reloader.changed() and reloader.reload()
+    runtime_dir, worker = os.environ.get("LLMUX_RUNTIME_DIR"), os.environ.get("LLMUX_WORKER")
+    if runtime_dir and worker is not None:
+        gateway.bulkhead = Bulkhead(
+            Path(runtime_dir, "bulkheads"), int(worker), config.settings.workers
+        )
+        gateway.report_tokens = TokenReporter(Path(runtime_dir, TOKENS_SOCKET))
     server = grpc.aio.server(options=grpc_options(config))
     add_ExternalProcessorServicer_to_server(Processor(gateway), server)
     add_AccessLogServiceServicer_to_server(StreamAccounting(gateway), server)
+    # Envoy health-checks every worker (grpc.health.v1, empty service name) and sends ext_proc
+    # streams only to those that answer SERVING.
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.add_insecure_port(address)
     await server.start()
     if _needs_tokenizer(config):
@@ -106,7 +121,9 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
     await stop.wait()
     for task in background:
         task.cancel()
-    # Let in-flight exchanges finish: Envoy drains before the supervisor stops us.
+    # NOT_SERVING first, so Envoy's health checks move new streams elsewhere; then let
+    # in-flight exchanges finish: Envoy drains before the supervisor stops us.
+    await health.enter_graceful_shutdown()
     await server.stop(grace=5)
 
 

@@ -4,7 +4,15 @@ Start order: workers (gRPC sockets up), then Envoy (admin ready, listener accept
 A config edit is validated here first; a good one reaches Envoy as new clusters through
 file-based CDS, then the workers (SIGHUP), then clusters no longer used are dropped, so no
 request is routed to a cluster Envoy does not have yet. A bad edit is logged, counted and
-ignored. If any child dies, the rest are stopped and `llmux run` exits non-zero.
+ignored.
+
+A child that dies is restarted at once (a worker on its own socket; Envoy from the same
+bootstrap), and again after a growing pause if it keeps dying soon after each start; Envoy
+dying that way `ENVOY_MAX_QUICK_CRASHES` times in a row ends `llmux run` with exit code 1.
+While a worker is down, Envoy's health checks and outlier detection send its streams to the
+others. SIGTERM (or SIGINT) drains: readiness turns 503, new requests get 503, and in-flight
+ones run to completion, up to `llmux.drain_timeout`; then Envoy stops, then the workers, and
+`llmux run` exits 0. A second signal cuts the drain short.
 """
 
 from __future__ import annotations
@@ -24,10 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import orjson
+from envoy.service.accesslog.v3.als_pb2_grpc import add_AccessLogServiceServicer_to_server
 
 from llmux_extproc import envoy_config
 from llmux_extproc.config import Config, ConfigError, Listen, file_stamp, load_config
+from llmux_extproc.controlplane import TOKENS_SOCKET, AttemptLog, ControlPlane, listen_for_tokens
 from llmux_extproc.envoy_binary import find_envoy
 from llmux_extproc.envoy_config import RuntimePaths
 
@@ -45,7 +56,46 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def admin_get(admin: Listen, path: str, timeout: float = 2.0) -> tuple[int, str]:
+# A child that dies sooner than this after its start counts as a crash loop: the next start
+# waits `restart_delay()`, and Envoy is given up on after ENVOY_MAX_QUICK_CRASHES.
+QUICK_CRASH_S = 10.0
+ENVOY_MAX_QUICK_CRASHES = 5
+
+
+def restart_delay(quick_crashes: int) -> float:
+    """Seconds before restarting a child that crashed `quick_crashes` times in a row soon
+    after starting: at once the first time, then 0.25 s doubling up to 10 s."""
+    if quick_crashes <= 1:
+        return 0.0
+    return float(min(0.25 * 2 ** (quick_crashes - 2), 10.0))
+
+
+def exit_reason(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class _Restarts:
+    """Restart bookkeeping for one child (a worker slot or Envoy)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.quick_crashes = 0
+        self.due: float | None = None  # when the pending restart may happen
+
+    def died(self, now: float) -> float:
+        self.quick_crashes = self.quick_crashes + 1 if now - self.started < QUICK_CRASH_S else 1
+        self.due = now + restart_delay(self.quick_crashes)
+        return self.due - now
+
+
+def admin_get(
+    admin: Listen, path: str, timeout: float = 2.0, method: str = "GET"
+) -> tuple[int, str]:
     conn: http.client.HTTPConnection
     if admin.path:
         conn = _UnixHTTPConnection(admin.path, timeout)
@@ -53,7 +103,7 @@ def admin_get(admin: Listen, path: str, timeout: float = 2.0) -> tuple[int, str]
         host = "127.0.0.1" if admin.host in ("0.0.0.0", "::") else admin.host
         conn = http.client.HTTPConnection(host or "127.0.0.1", admin.port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request(method, path)
         resp = conn.getresponse()
         return resp.status, resp.read().decode("utf-8", "replace")
     finally:
@@ -85,15 +135,24 @@ def _can_connect(listen: Listen) -> bool:
     return True
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class Supervisor:
     def __init__(self, config_path: str | None, config: Config) -> None:
         self.config_path = config_path
         self.config = config
         root = config.settings.runtime_dir or tempfile.mkdtemp(prefix="llmux-")
-        self.paths = RuntimePaths(Path(root))
+        self.paths = RuntimePaths(Path(root), sink_port=_free_port())
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.envoy: subprocess.Popen[bytes] | None = None
+        self._worker_restarts: list[_Restarts] = []
+        self._envoy_restarts = _Restarts()
+        self.draining = False
         self._cds_version = 0
         self._stamp = file_stamp(config_path)
 
@@ -102,14 +161,8 @@ class Supervisor:
     def start(self) -> None:
         s = self.config.settings
         for i in range(s.workers):
-            sock = self.paths.extproc_socket(i)
-            sock.unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "llmux_extproc", "extproc", "--listen", f"unix:{sock}"]
-            if self.config_path:
-                cmd += ["--config", self.config_path]
-            # gRPC's threads would each get a glibc malloc arena; two keep RSS flat.
-            env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
-            self.workers.append(subprocess.Popen(cmd, env=env))
+            self.workers.append(self._spawn_worker(i))
+            self._worker_restarts.append(_Restarts())
         self._wait(
             lambda: all(
                 _can_connect(Listen(None, None, str(self.paths.extproc_socket(i))))
@@ -119,10 +172,42 @@ class Supervisor:
             15,
         )
 
-        self.push_clusters(envoy_config.provider_clusters(self.config))
+        # Created here, not in __init__: it imports the metrics, which must come after
+        # PROMETHEUS_MULTIPROC_DIR is set (run()).
+        self.control = ControlPlane(self.config, self.paths.root, self.paths.sink_port)
+        asyncio.run(self.control.resolve())
+        for host in self.control.unresolved():
+            log.warning("provider host %s does not resolve yet; retried every 30 s", host)
+        self.control.write()  # endpoints before the clusters that read them
+        self.control.write_states(self.paths.deployments)
+        self.push_clusters(envoy_config.provider_clusters(self.config, self.paths))
+        self.push_routes(self.config)
         bootstrap = envoy_config.bootstrap(self.config, self.paths)
         write_atomic(self.paths.bootstrap, orjson.dumps(bootstrap, option=orjson.OPT_INDENT_2))
-        self.envoy = subprocess.Popen(
+        self.envoy = self._spawn_envoy()
+        self._envoy_restarts = _Restarts()
+        self._wait(lambda: self._admin_ready(), "Envoy admin", 20)
+        self._wait(lambda: _can_connect(s.listen), f"Envoy listener {s.listen}", 10)
+
+    def _spawn_worker(self, i: int) -> subprocess.Popen[bytes]:
+        sock = self.paths.extproc_socket(i)
+        sock.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "llmux_extproc", "extproc", "--listen", f"unix:{sock}"]
+        if self.config_path:
+            cmd += ["--config", self.config_path]
+        # gRPC's threads would each get a glibc malloc arena; two keep RSS flat.
+        env = {
+            **os.environ,
+            "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),
+            # Where the supervisor leaves the deployment states `/health` reports.
+            "LLMUX_RUNTIME_DIR": str(self.paths.root),
+            "LLMUX_WORKER": str(i),  # its row in the shared bulkhead counts
+        }
+        return subprocess.Popen(cmd, env=env)
+
+    def _spawn_envoy(self) -> subprocess.Popen[bytes]:
+        drain_s = str(max(1, round(self.config.settings.drain_timeout_s)))
+        return subprocess.Popen(
             [
                 find_envoy(),
                 "-c",
@@ -134,10 +219,15 @@ class Supervisor:
                 # Access log lines reach stdout within a second, not Envoy's default 10 s.
                 "--file-flush-interval-msec",
                 "1000",
+                # On drain every connection is told to close after its current request (not
+                # a growing share of them), and the listener stays open, answering 503, for
+                # as long as `llmux run` may wait for in-flight requests.
+                "--drain-strategy",
+                "immediate",
+                "--drain-time-s",
+                drain_s,
             ]
         )
-        self._wait(lambda: self._admin_ready(), "Envoy admin", 20)
-        self._wait(lambda: _can_connect(s.listen), f"Envoy listener {s.listen}", 10)
 
     def _admin_ready(self) -> bool:
         try:
@@ -163,12 +253,74 @@ class Supervisor:
             return f"Envoy (pid {self.envoy.pid}, exit code {self.envoy.returncode})"
         return None
 
+    # -- self-healing ----------------------------------------------------------------
+
+    def heal(self) -> int | None:
+        """Restart the children that died (when their back-off allows); an exit code when
+        `llmux run` must end instead."""
+        now = time.monotonic()
+        for i, proc in enumerate(self.workers):
+            restarts = self._worker_restarts[i]
+            if restarts.due is None and proc.poll() is not None:
+                delay = restarts.died(now)
+                log.error(
+                    "ext_proc worker %d (pid %d) died (%s); restarting it on %s%s",
+                    i,
+                    proc.pid,
+                    exit_reason(proc.returncode),
+                    self.paths.extproc_socket(i),
+                    f" in {delay:.2f}s (crash loop)" if delay else "",
+                )
+            if restarts.due is not None and now >= restarts.due:
+                self.workers[i] = self._spawn_worker(i)
+                restarts.started, restarts.due = now, None
+                log.info("ext_proc worker %d restarted: pid %d", i, self.workers[i].pid)
+        envoy, restarts = self.envoy, self._envoy_restarts
+        if envoy is None:
+            return None
+        if restarts.due is None and envoy.poll() is not None:
+            if self.draining:
+                log.error(
+                    "Envoy (pid %d) died while draining (%s)",
+                    envoy.pid,
+                    exit_reason(envoy.returncode),
+                )
+                restarts.due = float("inf")  # not restarted: the drain ends with it
+                return None
+            delay = restarts.died(now)
+            if restarts.quick_crashes > ENVOY_MAX_QUICK_CRASHES:
+                log.error(
+                    "Envoy (pid %d) died (%s): %d crashes in a row, each within %.0fs of"
+                    " starting; giving up: stopping LLMux",
+                    envoy.pid,
+                    exit_reason(envoy.returncode),
+                    restarts.quick_crashes,
+                    QUICK_CRASH_S,
+                )
+                return 1
+            log.error(
+                "Envoy (pid %d) died (%s); restarting it%s",
+                envoy.pid,
+                exit_reason(envoy.returncode),
+                f" in {delay:.2f}s (crash loop)" if delay else "",
+            )
+        if restarts.due is not None and now >= restarts.due and not self.draining:
+            self.envoy = self._spawn_envoy()
+            restarts.started, restarts.due = now, None
+            log.info("Envoy restarted: pid %d", self.envoy.pid)
+        return None
+
     # -- reload --------------------------------------------------------------------
 
     def push_clusters(self, clusters: list[dict[str, Any]]) -> None:
         self._cds_version += 1
         doc = envoy_config.cds_document(clusters, str(self._cds_version))
         write_atomic(self.paths.cds, orjson.dumps(doc))
+
+    def push_routes(self, config: Config) -> None:
+        self._cds_version += 1
+        doc = envoy_config.rds_document(config, str(self._cds_version))
+        write_atomic(self.paths.rds, orjson.dumps(doc))
 
     def _envoy_has(self, names: set[str]) -> bool:
         try:
@@ -177,6 +329,15 @@ class Supervisor:
             return False
         present = {line.split("::", 1)[0] for line in text.splitlines()}
         return status == 200 and names <= present
+
+    def _envoy_routes_at(self, version: str) -> bool:
+        try:
+            status, text = admin_get(
+                self.config.settings.admin, "/config_dump?resource=dynamic_route_configs"
+            )
+        except OSError:
+            return False
+        return status == 200 and f'"version_info": "{version}"' in text
 
     async def maybe_reload(self) -> None:
         stamp = file_stamp(self.config_path)
@@ -192,8 +353,11 @@ class Supervisor:
             metrics.CONFIG_RELOADS.labels("error").inc()
             log.error("config reload rejected, keeping the running config: %s", exc)
             return
-        old_clusters = envoy_config.provider_clusters(self.config)
-        new_clusters = envoy_config.provider_clusters(new)
+        old_clusters = envoy_config.provider_clusters(self.config, self.paths)
+        new_clusters = envoy_config.provider_clusters(new, self.paths)
+        self.control.configure(new)
+        await self.control.resolve()
+        self.control.write()
         new_names = {c["name"] for c in new_clusters}
         union = new_clusters + [c for c in old_clusters if c["name"] not in new_names]
         self.push_clusters(union)
@@ -201,6 +365,14 @@ class Supervisor:
         # Envoy reports applied clusters only through its admin API: poll it.
         while time.monotonic() < deadline:
             if await asyncio.to_thread(self._envoy_has, new_names):
+                break
+            await asyncio.sleep(0.05)
+        # Routes to the new groups, then the workers: a worker meeting a deployment it
+        # does not know yet re-reads the config at once (Gateway.deployment), so neither
+        # order of arrival fails a request.
+        self.push_routes(new)
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(self._envoy_routes_at, str(self._cds_version)):
                 break
             await asyncio.sleep(0.05)
         for proc in self.workers:
@@ -219,30 +391,134 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop, cut, child_exited = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        signals = 0
+
+        def on_signal(signum: signal.Signals) -> None:
+            nonlocal signals
+            signals += 1
+            (cut if signals > 1 else stop).set()
+            log.info(
+                "%s received%s", signum.name, "; cutting the drain short" if signals > 1 else ""
+            )
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        while not stop.is_set():
-            dead = self.dead_child()
-            if dead:
-                log.error("%s died; stopping LLMux", dead)
-                return 1
-            if self.config_path:
-                await self.maybe_reload()
+            loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(signal.SIGCHLD, child_exited.set)
+        fatal: list[int] = []
+
+        async def watch_children() -> None:
+            # Its own task: a reload may take seconds, a restart must not wait for it.
+            while True:
+                child_exited.clear()
+                code = self.heal()
+                if code is not None:
+                    fatal.append(code)
+                    stop.set()
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(child_exited.wait(), 0.1)
+
+        watcher = asyncio.create_task(watch_children())
+        control_server = grpc.aio.server()
+        add_AccessLogServiceServicer_to_server(AttemptLog(self.control), control_server)
+        self.paths.control_socket.unlink(missing_ok=True)
+        control_server.add_insecure_port(f"unix:{self.paths.control_socket}")
+        await control_server.start()
+        tokens = await listen_for_tokens(self.control, self.paths.root / TOKENS_SOCKET)
+        control = asyncio.create_task(self.control.run(self.paths.deployments))
+        try:
+            while not stop.is_set():
+                if self.config_path:
+                    await self.maybe_reload()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.config.settings.reload_poll_s)
+            if fatal:
+                return fatal[0]
+            await self.drain(cut)
+            return 0
+        finally:
+            watcher.cancel()
+            control.cancel()
+            tokens.close()
+            await control_server.stop(grace=None)
+
+    # -- drain and stop ------------------------------------------------------------
+
+    def _admin_post(self, path: str) -> None:
+        try:
+            status, text = admin_get(self.config.settings.admin, path, method="POST")
+        except OSError as exc:
+            log.warning("Envoy admin POST %s failed: %s", path, exc)
+            return
+        if status != 200:
+            log.warning("Envoy admin POST %s: %d %s", path, status, text.strip()[:200])
+
+    def active_requests(self) -> int | None:
+        """Requests Envoy's listener is serving (health probes included); None if Envoy
+        is gone."""
+        if self.envoy is None or self.envoy.poll() is not None:
+            return None
+        try:
+            status, text = admin_get(
+                self.config.settings.admin, "/stats?filter=^http\\.llmux\\.downstream_rq_active$"
+            )
+        except OSError:
+            return None
+        for line in text.splitlines():
+            name, _, value = line.partition(":")
+            if status == 200 and name.strip() == "http.llmux.downstream_rq_active":
+                return int(value)
+        return None
+
+    async def drain(self, cut: asyncio.Event) -> None:
+        """Readiness 503 (health_check filter), new requests 503 (the drain fault filter)
+        and every connection told to close (Envoy's drain), then wait for in-flight
+        requests."""
+        self.draining = True
+        timeout = self.config.settings.drain_timeout_s
+        log.info(
+            "draining: in-flight requests have up to %.0fs (llmux.drain_timeout) to finish;"
+            " a second SIGTERM cuts them",
+            timeout,
+        )
+        for path in (
+            "/healthcheck/fail",
+            f"/runtime_modify?{envoy_config.DRAINING_RUNTIME_KEY}=100",
+            "/drain_listeners?graceful",
+        ):
+            await asyncio.to_thread(self._admin_post, path)
+        started = time.monotonic()
+        while True:
+            active = await asyncio.to_thread(self.active_requests)
+            if active is None:
+                log.warning("drain: Envoy is gone; stopping the workers")
+                return
+            if active == 0:
+                log.info("drained in %.1fs", time.monotonic() - started)
+                return
+            if cut.is_set() or time.monotonic() - started > timeout:
+                log.warning(
+                    "drain %s: cutting %d request(s) still in flight",
+                    "interrupted" if cut.is_set() else f"timed out after {timeout:.0f}s",
+                    active,
+                )
+                return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.settings.reload_poll_s)
-        return 0
+                await asyncio.wait_for(cut.wait(), 0.1)
 
     def stop(self) -> None:
-        procs = ([self.envoy] if self.envoy else []) + self.workers
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        # Envoy first: the workers serve its in-flight exchanges until it is gone.
+        for group in ([self.envoy] if self.envoy else [], self.workers):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in group:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         if not self.config.settings.runtime_dir:
             shutil.rmtree(self.paths.root, ignore_errors=True)
 

@@ -257,7 +257,12 @@ def start_gateway(config: dict[str, Any], tmp: Path, env: dict[str, str] | None 
         if proc.poll() is not None:
             raise RuntimeError(f"llmux run exited with {proc.returncode}:\n{gw.log()}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{gw.base_url}/health/readiness", timeout=1).status_code == 200:
+            # Envoy answers before `llmux run` has finished starting (and would treat a
+            # child dying then as a failed start): wait for both.
+            if (
+                httpx.get(f"{gw.base_url}/health/readiness", timeout=1).status_code == 200
+                and "LLMux ready" in gw.log()
+            ):
                 return gw
         if time.monotonic() > deadline:
             gw.stop()
@@ -274,3 +279,66 @@ def running_gateway(
         yield gw
     finally:
         gw.stop()
+
+
+# -- processes of a running gateway (resilience tests) -----------------------------------
+
+
+def child_processes(pid: int) -> dict[int, str]:
+    """The direct children of `pid` (Linux /proc), pid -> command line."""
+    out: dict[int, str] = {}
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as c:
+                        out[int(child)] = c.read().replace(b"\0", b" ").decode()
+    return out
+
+
+def worker_pid(gw: Gateway, index: int) -> int | None:
+    """The pid of the ext_proc worker on socket `index`, if one is running."""
+    sock = f"extproc-{index}.sock"
+    for pid, cmd in child_processes(gw.process.pid).items():
+        if " extproc " in cmd and cmd.split("--listen ", 1)[1].split()[0].endswith(sock):
+            return pid
+    return None
+
+
+def envoy_pid(gw: Gateway) -> int | None:
+    for pid, cmd in child_processes(gw.process.pid).items():
+        if "envoy" in cmd.split()[0]:
+            return pid
+    return None
+
+
+def worker_socket(gw: Gateway, index: int) -> Path:
+    return Path(gw.settings["runtime_dir"]) / f"extproc-{index}.sock"
+
+
+def grpc_serving(socket_path: Path, timeout: float = 0.5) -> bool:
+    """Whether the gRPC server on `socket_path` answers grpc.health.v1 Check with SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def admin_text(gw: Gateway, path: str) -> str:
+    return httpx.get(f"http://127.0.0.1:{gw.admin_port}{path}", timeout=5).text
+
+
+def extproc_health(gw: Gateway) -> list[str]:
+    """Envoy's health flags of each ext_proc worker endpoint, in socket order."""
+    flags: dict[str, str] = {}
+    for line in admin_text(gw, "/clusters").splitlines():
+        if line.startswith("llmux_extproc::") and "::health_flags::" in line:
+            flags[line.split("::")[1]] = line.rsplit("::", 1)[1]
+    return [flags[k] for k in sorted(flags)]

@@ -49,6 +49,14 @@ def test_smoke_run_reports_numbers_for_bare_envoy_and_llmux(tmp_path: Path) -> N
     assert NUMBER.match(latency["bare Envoy p50 / p99 (ms)"]), latency
     assert NUMBER.match(latency["LLMux workers=1 p50 / p99 (ms)"]), latency
 
+    # The failover scenario: one of two deployments fails, every request still answered.
+    failover = _table_row(
+        markdown, "Failover: one of two deployments answers 500", "LLMux failover, cooldowns and"
+    )
+    assert NUMBER.match(failover["answered req/s"]), failover
+    assert failover["client error rate"] == "0.00%", failover
+    assert NUMBER.match(failover["attempts on the failing deployment per request"]), failover
+
     data = json.loads(json_path.read_text())
     assert {"bare", "llmux-w1"} <= {run["target"] for run in data["runs"]}
     assert data["environment"]["envoy"]

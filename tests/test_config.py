@@ -75,14 +75,55 @@ def test_unsupported_litellm_settings_are_warned_not_silently_dropped() -> None:
     config = parse_config(
         """
 model_list: []
-router_settings: {routing_strategy: latency-based-routing, fallbacks: [{a: [b]}]}
+router_settings: {routing_strategy: lowest-everything, redis_host: r, made_up: 1}
 foo: 1
 """
     )
     text = "\n".join(config.warnings)
-    assert "latency-based-routing" in text
-    assert "router_settings.fallbacks" in text
+    assert "lowest-everything" in text
+    assert "router_settings.redis_host: not supported yet" in text
+    assert "router_settings.made_up: unknown setting" in text
     assert "foo: unknown section" in text
+
+
+ROUTER = """
+model_list:
+  - {model_name: gpt, litellm_params: {model: openai/gpt-4o, api_key: k}}
+  - {model_name: claude, litellm_params: {model: anthropic/claude-sonnet-4-5, api_key: k}}
+  - {model_name: big, litellm_params: {model: openai/gpt-4.1, api_key: k}}
+router_settings:
+  routing_strategy: latency-based-routing
+  routing_strategy_args: {lowest_latency_buffer: 0.2}
+  num_retries: 2
+  retry_policy: {BadRequestErrorRetries: 0, RateLimitErrorRetries: 0, AuthenticationErrorRetries: 0}
+  timeout: 30
+  fallbacks: [{gpt: [claude]}]
+  context_window_fallbacks: [{gpt: [big]}]
+  default_fallbacks: [big]
+  allowed_fails: 2
+  cooldown_time: 7
+"""
+
+
+def test_litellm_router_settings_are_honoured() -> None:
+    router = parse_config(ROUTER).router
+    assert router.routing_strategy == "latency-based-routing"
+    assert router.routing_strategy_args == {"lowest_latency_buffer": 0.2}
+    assert (router.num_retries, router.timeout_s) == (2, 30.0)
+    assert (router.allowed_fails, router.cooldown_time_s) == (2, 7.0)
+    # Classes switched off are not retried; the rest keep LiteLLM's retriable statuses.
+    statuses = router.retriable_statuses()
+    assert 429 not in statuses and 401 not in statuses
+    assert {500, 503, 408, 404} <= statuses
+    # Fallbacks in the order attempts reach them; default_fallbacks only where a group
+    # has none of its own.
+    assert router.fallback_groups("gpt") == (("fallback", "claude"), ("context_window", "big"))
+    assert router.fallback_groups("claude") == (("fallback", "big"),)
+
+
+def test_fallbacks_must_name_model_groups() -> None:
+    with pytest.raises(ConfigError, match=r"fallbacks: 'nope' is not a model_name"):
+        parse_config(ROUTER.replace("[{gpt: [claude]}]", "[{gpt: [nope]}]"))
 
 
 def test_provider_key_falls_back_to_the_standard_env_var(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,10 +9,12 @@ from typing import Any
 import orjson
 import pytest
 
-from llmux_extproc import envoy_config
+from llmux_extproc import envoy_config, envoy_routing
 from llmux_extproc.config import parse_config
+from llmux_extproc.controlplane import ControlPlane
 from llmux_extproc.envoy_binary import find_envoy
-from llmux_extproc.envoy_config import ROUTE_HEADER, STREAM_HEADER, RuntimePaths
+from llmux_extproc.envoy_config import RuntimePaths
+from llmux_extproc.envoy_routing import group_cluster_name
 
 CONFIG = """
 model_list:
@@ -24,6 +26,14 @@ model_list:
     litellm_params: {model: hosted_vllm/llama, api_base: "http://127.0.0.1:8000/v1"}
   - model_name: local
     litellm_params: {model: ollama/llama3}
+  - model_name: claude
+    litellm_params: {model: anthropic/claude-sonnet-4-5, api_key: k}
+  - model_name: mock
+    litellm_params: {model: mock/gpt-4o-mini}
+router_settings:
+  num_retries: 1
+  fallbacks: [{gpt-4o: [claude, llama]}]
+  context_window_fallbacks: [{gpt-4o-mini: [gpt-4o]}]
 llmux:
   listen: unix:/tmp/llmux-test.sock
   workers: 3
@@ -47,9 +57,13 @@ def test_generated_configs_pass_envoy_validation(tmp_path: Path) -> None:
     config = parse_config(CONFIG)
     paths = RuntimePaths(tmp_path)
     validate(envoy_config.bootstrap(config, paths, static_clusters=True), tmp_path)
-    # The running form reads provider clusters from the CDS file, as `llmux run` writes it.
-    cds = envoy_config.cds_document(envoy_config.provider_clusters(config), "1")
+    # The running form reads clusters and routes from the CDS and RDS files, as `llmux run`
+    # writes them.
+    cds = envoy_config.cds_document(envoy_config.provider_clusters(config, paths), "1")
     paths.cds.write_bytes(orjson.dumps(cds))
+    control = ControlPlane(config, paths.root, paths.sink_port)
+    assert control.write() == len(config.model_names)  # one EDS file per group
+    paths.rds.write_bytes(orjson.dumps(envoy_config.rds_document(config, "1")))
     validate(envoy_config.bootstrap(config, paths), tmp_path)
     # The default config and one listening on TCP too.
     validate(
@@ -59,31 +73,77 @@ def test_generated_configs_pass_envoy_validation(tmp_path: Path) -> None:
 
 def test_cds_document_validates_as_static_clusters(tmp_path: Path) -> None:
     config = parse_config(CONFIG)
-    doc = envoy_config.cds_document(envoy_config.provider_clusters(config), "7")
+    paths = RuntimePaths(tmp_path)
+    doc = envoy_config.cds_document(envoy_config.provider_clusters(config, paths, eds=False), "7")
     assert doc["version_info"] == "7"
     clusters = [{k: v for k, v in r.items() if k != "@type"} for r in doc["resources"]]
-    boot = envoy_config.bootstrap(config, RuntimePaths(tmp_path), static_clusters=True)
-    boot["static_resources"]["clusters"] = boot["static_resources"]["clusters"][:2] + clusters
+    boot = envoy_config.bootstrap(config, paths, static_clusters=True)
+    boot["static_resources"]["clusters"] = boot["static_resources"]["clusters"][:3] + clusters
     validate(boot, tmp_path)
 
 
-def test_one_cluster_per_distinct_upstream() -> None:
+def _endpoints(cluster: dict[str, Any]) -> list[tuple[int, str]]:
+    """(priority, deployment id) of every endpoint, as the processor reads them."""
+    out = []
+    for level in cluster["load_assignment"]["endpoints"]:
+        for ep in level["lb_endpoints"]:
+            priority, _, dep = ep["metadata"]["filter_metadata"]["llmux"]["d"].partition("|")
+            assert int(priority) == level["priority"]
+            out.append((level["priority"], dep))
+    return out
+
+
+def test_one_cluster_per_model_group_with_fallbacks_as_priorities() -> None:
     config = parse_config(CONFIG)
-    clusters = {c["name"]: c for c in envoy_config.provider_clusters(config)}
-    # Two OpenAI deployments share api.openai.com:443.
-    assert set(clusters) == {
-        "llm_api.openai.com_443_tls",
-        "llm_127.0.0.1_8000",
-        "llm_localhost_11434",
+    ids = {d.model_name: d.id for d in config.deployments}
+    paths = RuntimePaths(Path())
+    clusters = {c["name"]: c for c in envoy_config.provider_clusters(config, paths, eds=False)}
+    assert set(clusters) == {envoy_routing.LOCAL_CLUSTER} | {
+        group_cluster_name(name) for name in config.model_names
     }
-    tls = clusters["llm_api.openai.com_443_tls"]
-    assert tls["type"] == "LOGICAL_DNS"
-    ctx = tls["transport_socket"]["typed_config"]
-    assert ctx["sni"] == "api.openai.com"
-    sans = ctx["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
-    assert sans == [{"san_type": "DNS", "matcher": {"exact": "api.openai.com"}}]
-    assert clusters["llm_127.0.0.1_8000"]["type"] == "STATIC"
-    assert "transport_socket" not in clusters["llm_127.0.0.1_8000"]
+    gpt = clusters[group_cluster_name("gpt-4o")]
+    # Deployments are endpoints: the group's own first, then each fallback group in order.
+    assert _endpoints(gpt) == [(0, ids["gpt-4o"]), (1, ids["claude"]), (2, ids["llama"])]
+    assert _endpoints(clusters[group_cluster_name("gpt-4o-mini")]) == [
+        (0, ids["gpt-4o-mini"]),
+        (1, ids["gpt-4o"]),
+    ]
+    # Providers by name are resolved by Envoy; TLS (SNI, SAN) is chosen per endpoint.
+    assert gpt["type"] == "STRICT_DNS"
+    tls = {
+        m["match"]["tls"]: m["transport_socket"]["typed_config"]
+        for m in gpt["transport_socket_matches"]
+    }
+    assert set(tls) == {"api.openai.com", "api.anthropic.com"}
+    assert tls["api.anthropic.com"]["sni"] == "api.anthropic.com"
+    sans = tls["api.openai.com"]["common_tls_context"]["validation_context"]
+    assert sans["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "api.openai.com"}}
+    ]
+    llama = clusters[group_cluster_name("llama")]
+    assert llama["type"] == "STATIC" and "transport_socket_matches" not in llama
+    # Every group cluster runs the processor once per attempt, as an upstream filter.
+    filters = gpt["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]["http_filters"]
+    assert [f["name"] for f in filters] == [
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.upstream_codec",
+    ]
+    assert filters[0]["typed_config"]["request_attributes"] == ["xds.upstream_host_metadata"]
+
+
+def test_retry_policy_spans_the_group_then_its_fallbacks() -> None:
+    config = parse_config(CONFIG)
+    policy = envoy_routing.retry_policy(config, "gpt-4o")
+    # num_retries 1: two attempts per group, three groups (gpt-4o, claude, llama).
+    assert policy["num_retries"] == 5
+    priority = policy["retry_priority"]["typed_config"]
+    assert priority["update_frequency"] == 2
+    assert policy["retry_host_predicate"][0]["name"].endswith("previous_hosts")
+    assert "retriable-headers" in policy["retry_on"]
+    # A group without fallbacks has no priorities to move through.
+    assert "retry_priority" not in envoy_routing.retry_policy(config, "llama")
 
 
 def _hcm(doc: dict[str, Any]) -> dict[str, Any]:
@@ -99,31 +159,31 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     }
     hcm = _hcm(doc)
     names = [f["name"] for f in hcm["http_filters"]]
-    assert names == [
+    # No downstream processor: the processor runs per attempt on the group clusters.
+    assert "envoy.filters.http.ext_proc" not in names
+    assert names[-6:] == [
         "envoy.filters.http.header_mutation",
+        "envoy.filters.http.header_to_metadata",
+        "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.lua",
         "envoy.filters.http.sse_to_metadata",
-        "envoy.filters.http.ext_proc",
         "envoy.filters.http.router",
     ]
-    # The routing header is stripped from client requests before the processor runs.
-    assert hcm["http_filters"][0]["typed_config"]["mutations"]["request_mutations"] == [
-        {"remove": ROUTE_HEADER},
-        {"remove": STREAM_HEADER},
-    ]
-    ext = hcm["http_filters"][3]["typed_config"]
-    assert ext["processing_mode"]["request_body_mode"] == "BUFFERED"
-    assert ext["grpc_service"]["envoy_grpc"]["max_receive_message_length"] > 2_000_000
+    mutations = hcm["http_filters"][names.index("envoy.filters.http.header_mutation")]
+    removed = {m["remove"] for m in mutations["typed_config"]["mutations"]["request_mutations"]}
+    assert {envoy_routing.RETRY_HEADER, envoy_routing.MARKS_HEADER} <= removed
+    keys = hcm["http_filters"][names.index("envoy.filters.http.header_to_metadata")]
+    assert all(rule["remove"] for rule in keys["typed_config"]["request_rules"])
     # ext_proc streams end with a half-close the processor answers, not a reset (which made
     # grpcio leak per request; see docs/benchmarks.md, Soak).
-    (layer,) = doc["layered_runtime"]["layers"]
+    layer = doc["layered_runtime"]["layers"][0]
     assert layer["static_layer"]["envoy.reloadable_features.ext_proc_graceful_grpc_close"]
-    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    # Streamed requests get an idle timeout; both routes drop the internal headers.
+    assert hcm["rds"]["route_config_name"] == envoy_routing.ROUTE_CONFIG
+    (route_config,) = envoy_config.rds_document(config, "1")["resources"]
+    routes = route_config["virtual_hosts"][0]["routes"]
+    # Per group: the streamed route (idle timeout) first, then the whole-answer one.
     assert routes[0]["route"]["idle_timeout"] == "60.000s"
-    for route in routes[:2]:
-        assert route["route"]["cluster_header"] == ROUTE_HEADER
-        assert route["request_headers_to_remove"] == [ROUTE_HEADER, STREAM_HEADER]
+    assert routes[0]["route"]["cluster"] == routes[1]["route"]["cluster"]
     assert routes[-1]["direct_response"]["status"] == 404
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 
 import orjson
 import pytest
 
 from llmux_extproc.config import parse_config
+from llmux_extproc.context import DEFAULT_CALLER, Attempt, Caller, RequestContext
 from llmux_extproc.gateway import Forward, Gateway, Immediate
-from llmux_extproc.router import Router
 
 CONFIG = """
 model_list:
@@ -34,14 +33,26 @@ def body(**fields: object) -> bytes:
     return orjson.dumps({"messages": [{"role": "user", "content": "hi"}], **fields})
 
 
+def attempt(gw: Gateway, raw: bytes, number: int = 1) -> RequestContext:
+    """The context of an attempt on the first deployment of the body's model group, as
+    Envoy would choose it (the model's group cluster)."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    group = gw.state.config.group(model) if isinstance(model, str) else []
+    return RequestContext(DEFAULT_CALLER, Attempt(number, group[0] if group else None))
+
+
 def decide(gw: Gateway, raw: bytes, path: str = "/v1/chat/completions") -> Immediate | Forward:
-    assert gw.on_headers("POST", path, AUTH) is None
-    return asyncio.run(gw.on_body(path, raw))
+    assert isinstance(gw.on_headers("POST", path, AUTH), Caller)
+    return asyncio.run(gw.on_body(path, raw, attempt(gw, raw)))
 
 
 def test_auth_in_every_header_clients_use(gateway: Gateway) -> None:
     for headers in (AUTH, {"api-key": "sk-master"}, {"x-api-key": "sk-master"}):
-        assert gateway.on_headers("POST", "/v1/chat/completions", headers) is None
+        assert isinstance(gateway.on_headers("POST", "/v1/chat/completions", headers), Caller)
     for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "Basic sk-master"}):
         answer = gateway.on_headers("POST", "/v1/chat/completions", headers)
         assert isinstance(answer, Immediate) and answer.status == 401
@@ -58,7 +69,6 @@ def test_models_list_and_unknown_path(gateway: Gateway) -> None:
 def test_openai_forward_rewrites_model_and_sets_provider_auth(gateway: Gateway) -> None:
     fwd = decide(gateway, body(model="gpt", temperature=0))
     assert isinstance(fwd, Forward)
-    assert fwd.cluster == "llm_api.openai.com_443_tls"
     assert fwd.authority == "api.openai.com"
     up = fwd.upstream
     assert up.path == "/v1/chat/completions"
@@ -69,7 +79,18 @@ def test_openai_forward_rewrites_model_and_sets_provider_auth(gateway: Gateway) 
         "model": "gpt-4o-2024-08-06",
         "temperature": 0,
     }
-    assert "authorization" in fwd.remove_headers
+    assert fwd.remove_headers == ()  # a first attempt has nothing of another's to remove
+
+
+def test_a_retry_removes_what_another_provider_may_have_set() -> None:
+    gw = Gateway(parse_config(CONFIG))
+    raw = body(model="gpt")
+    fwd = asyncio.run(gw.on_body("/v1/chat/completions", raw, attempt(gw, raw, number=2)))
+    assert isinstance(fwd, Forward)
+    # Anthropic's and AWS's credentials from an earlier attempt never reach OpenAI; this
+    # attempt's own authorization is set, not removed.
+    assert {"x-api-key", "x-amz-security-token", "anthropic-version"} <= set(fwd.remove_headers)
+    assert "authorization" not in fwd.remove_headers
 
 
 def test_unchanged_body_is_not_reencoded(gateway: Gateway) -> None:
@@ -162,19 +183,7 @@ def test_reload_swaps_state(gateway: Gateway) -> None:
     )
     answer = decide(Gateway(parse_config(CONFIG)), body(model="gpt"))
     assert isinstance(answer, Forward)
-    assert isinstance(gateway.on_headers("POST", "/v1/chat/completions", {}), type(None))
-    gone = asyncio.run(gateway.on_body("/v1/chat/completions", body(model="gpt")))
+    assert isinstance(gateway.on_headers("POST", "/v1/chat/completions", {}), Caller)
+    ctx = RequestContext(DEFAULT_CALLER, Attempt(1, None))
+    gone = asyncio.run(gateway.on_body("/v1/chat/completions", body(model="gpt"), ctx))
     assert isinstance(gone, Immediate) and gone.status == 404
-
-
-def test_simple_shuffle_weights_by_rpm() -> None:
-    config = parse_config(
-        """
-model_list:
-  - {model_name: m, litellm_params: {model: mock/a, rpm: 900}, model_info: {id: a}}
-  - {model_name: m, litellm_params: {model: mock/b, rpm: 100}, model_info: {id: b}}
-"""
-    )
-    router = Router(config)
-    picks = Counter(router.pick("m").id for _ in range(4000))
-    assert 0.85 < picks["a"] / 4000 < 0.95

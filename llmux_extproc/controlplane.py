@@ -1,0 +1,394 @@
+"""The supervisor as a small control plane: attempts' outcomes in, endpoints out.
+
+Envoy reports every upstream attempt (the router's upstream log, over gRPC, batched) with
+its status, timing and the deployment id of the endpoint it chose. The policies
+(`policy.health`: LiteLLM's cooldowns and the seed's breaker; `policy.strategies`: weights
+for latency-, usage- and cost-based routing) turn those into each endpoint's health and
+weight, which reach Envoy as EDS files; Envoy enforces them for every worker thread and
+every processor alike. Provider names are resolved here so that each deployment is one
+host (its further addresses as Envoy's additional addresses) whatever its name resolves to.
+The state is per replica (docs/architecture.md says why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from envoy.service.accesslog.v3 import als_pb2
+from envoy.service.accesslog.v3.als_pb2_grpc import AccessLogServiceServicer
+
+from llmux_extproc import envoy_routing
+from llmux_extproc.config import Config
+from llmux_extproc.policy.health import (
+    BreakerSettings,
+    CooldownSettings,
+    DeploymentHealth,
+    Outcome,
+)
+from llmux_extproc.policy.strategies import DeploymentInfo, Strategy, make_strategy
+
+log = logging.getLogger("llmux.control")
+
+# The custom tag the upstream log carries: the chosen endpoint's `llmux.d` metadata.
+HOST_TAG = "llmux_host"
+# As LiteLLM's litellm_deployment_state: 0 healthy, 1 partial (probing), 2 down.
+STATE_VALUES = {"healthy": 0, "half_open": 1, "cooldown": 2, "open": 2}
+DNS_REFRESH_S = 30.0
+TOKENS_SOCKET = "tokens.sock"  # in the runtime dir: workers' token reports
+
+
+def deployment_infos(config: Config, group: str) -> list[DeploymentInfo]:
+    from llmux_extproc.gateway import price_for
+
+    out = []
+    for level in envoy_routing.priorities(config, group):
+        for d in level:
+            price = price_for(d)
+            out.append(
+                DeploymentInfo(
+                    d.id,
+                    d.weight,
+                    d.rpm,
+                    d.tpm,
+                    price.input_cost_per_token if price else None,
+                    price.output_cost_per_token if price else None,
+                )
+            )
+    return out
+
+
+class ControlPlane:
+    """Per-deployment health and weights for one config, written as EDS files."""
+
+    def __init__(
+        self,
+        config: Config,
+        eds_dir: Path,
+        sink_port: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.eds_dir = eds_dir
+        self.sink_port = sink_port
+        self.clock = clock
+        self.addresses: dict[str, list[str]] = {}
+        self._written: dict[str, bytes] = {}
+        self._version = 0
+        self.changed = asyncio.Event()
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """A new config: policies start afresh (their deployments and settings may differ)."""
+        r = config.router
+        self.config = config
+        groups = {name: [d.id for d in config.group(name)] for name in config.model_names}
+        self.health = DeploymentHealth(
+            groups,
+            CooldownSettings(
+                allowed_fails=r.allowed_fails,
+                cooldown_time_s=r.cooldown_time_s,
+                disable_cooldowns=r.disable_cooldowns,
+                allowed_fails_policy=r.allowed_fails_policy,
+            ),
+            _breaker_settings(config),
+            self.clock,
+        )
+        self.strategy: Strategy = make_strategy(
+            r.routing_strategy, r.routing_strategy_args, self.clock
+        )
+        self.infos = {name: deployment_infos(config, name) for name in config.model_names}
+        self.groups_of: dict[str, list[str]] = {}
+        for name in config.model_names:
+            for d in config.group(name):
+                self.groups_of.setdefault(d.id, []).append(name)
+
+    # -- outcomes ------------------------------------------------------------------
+
+    def record(self, outcome: Outcome, kind: str = "first") -> None:
+        from llmux_extproc import metrics
+
+        dep = outcome.deployment
+        if dep not in self.groups_of:
+            return  # a deployment removed by a reload since
+        metrics.ATTEMPTS.labels(dep, kind).inc()
+        before = self.health.state(dep).status
+        for line in self.health.record(outcome):
+            log.warning("%s", line)
+        self._count_transition(dep, before)
+        observe = getattr(self.strategy, "observe", None)
+        if observe is not None:
+            observe(outcome)
+        observe_request = getattr(self.strategy, "observe_request", None)
+        if observe_request is not None:
+            observe_request(outcome.deployment)
+        self.changed.set()
+
+    def tick(self) -> None:
+        before = {d: self.health.state(d).status for d in self.groups_of}
+        for line in self.health.tick():
+            log.info("%s", line)
+        for dep, status in before.items():
+            self._count_transition(dep, status)
+
+    def _count_transition(self, dep: str, before: str) -> None:
+        from llmux_extproc import metrics
+
+        after = self.health.state(dep).status
+        if after == before:
+            return
+        if after == "cooldown":
+            metrics.COOLDOWNS.labels(dep).inc()
+        elif after in ("open", "half_open") or before in ("open", "half_open"):
+            metrics.BREAKER.labels(dep, "closed" if after == "healthy" else after).inc()
+
+    # -- endpoints -----------------------------------------------------------------
+
+    def assignment(self, group: str) -> dict[str, Any]:
+        routable: dict[str, bool] = {}
+        for level in envoy_routing.priorities(self.config, group):
+            # Each group's own rule (all-excluded keeps the least recently failed) applies
+            # to its deployments wherever they appear.
+            routable.update(self.health.routable(level[0].model_name))
+        infos = self.infos[group]
+        weights = self.strategy.weights(infos, routable)
+        healthy = {i.id: routable.get(i.id, True) and weights.get(i.id, 1) > 0 for i in infos}
+        return envoy_routing.load_assignment(
+            self.config,
+            group,
+            self.sink_port,
+            addresses=self.addresses,
+            weights=weights,
+            healthy=healthy,
+        )
+
+    def write(self) -> int:
+        """Write the EDS files whose content changed; returns how many were."""
+        from llmux_extproc.supervisor import write_atomic
+
+        written = 0
+        for group in self.config.model_names:
+            doc = self.assignment(group)
+            body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+            path = envoy_routing.eds_path(self.eds_dir, group)
+            if self._written.get(str(path)) == body:
+                continue
+            self._version += 1
+            envelope = {
+                "version_info": str(self._version),
+                "resources": [
+                    {"@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"}
+                    | doc
+                ],
+            }
+            write_atomic(path, orjson.dumps(envelope))
+            self._written[str(path)] = body
+            written += 1
+        return written
+
+    def states(self) -> dict[str, Any]:
+        """Every deployment's state, for /health and metrics; no secrets. `until` is wall
+        clock time (seconds since the epoch), rounded so the file changes on transitions."""
+        offset = time.time() - self.clock()
+        out = {}
+        for d in self.config.deployments:
+            st = self.health.state(d.id)
+            out[d.id] = {
+                "model_name": d.model_name,
+                "provider": d.provider,
+                "state": st.status,
+                "until": None if st.until is None else round(st.until + offset, 1),
+                "reason": st.reason,
+            }
+        return out
+
+    def write_states(self, path: Path) -> None:
+        from llmux_extproc import metrics
+        from llmux_extproc.supervisor import write_atomic
+
+        states = self.states()
+        body = orjson.dumps(states, option=orjson.OPT_SORT_KEYS)
+        if self._written.get(str(path)) == body:
+            return
+        write_atomic(path, body)
+        self._written[str(path)] = body
+        for dep_id, st in states.items():
+            value = STATE_VALUES[st["state"]]
+            metrics.DEPLOYMENT_STATE.labels(dep_id, st["model_name"]).set(value)
+
+    async def resolve(self) -> bool:
+        """Resolve provider names; True when an address changed."""
+        loop = asyncio.get_running_loop()
+        hosts = {
+            d.upstream.host
+            for d in self.config.deployments
+            if d.upstream and not _is_ip(d.upstream.host)
+        }
+        changed = False
+        for host in sorted(hosts):
+            try:
+                infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                if host not in self.addresses:
+                    log.warning("cannot resolve %s: %s", host, exc)
+                continue  # keep what resolved before
+            v4 = [str(i[4][0]) for i in infos if i[0] == socket.AF_INET]
+            v6 = [str(i[4][0]) for i in infos if i[0] == socket.AF_INET6]
+            found = list(dict.fromkeys(v4 + v6))
+            if found and found != self.addresses.get(host):
+                self.addresses[host] = found
+                changed = True
+        return changed
+
+    def unresolved(self) -> list[str]:
+        return sorted(
+            {
+                d.upstream.host
+                for d in self.config.deployments
+                if d.upstream and not _is_ip(d.upstream.host) and d.upstream.host != "localhost"
+            }
+            - set(self.addresses)
+        )
+
+    async def run(self, states: Path) -> None:
+        """Keep EDS (and the `/health` states file) in step with outcomes, timed
+        transitions and DNS."""
+        next_dns = time.monotonic() + DNS_REFRESH_S
+        while True:
+            wake = self.health.next_change()
+            timeout = 1.0 if wake is None else max(0.0, min(1.0, wake - self.clock()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout)
+            self.changed.clear()
+            self.tick()
+            if time.monotonic() >= next_dns:
+                next_dns = time.monotonic() + DNS_REFRESH_S
+                await self.resolve()
+            self.write()
+            self.write_states(states)
+
+
+def _breaker_settings(config: Config) -> BreakerSettings:
+    b = config.settings.breaker
+    defaults = BreakerSettings()
+    return BreakerSettings(
+        failure_rate=b.get("failure_rate", defaults.failure_rate),
+        min_requests=int(b.get("min_requests", defaults.min_requests)),
+        window_s=b.get("window_s", defaults.window_s),
+        open_s=b.get("open_s", defaults.open_s),
+        half_open_probes=int(b.get("half_open_probes", defaults.half_open_probes)),
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return host == "localhost"
+    return True
+
+
+def outcome_from_entry(entry: Any) -> tuple[Outcome, str] | None:
+    """One upstream-log entry (an attempt) as an Outcome and its kind (first, retry,
+    fallback); None without a deployment tag (llmux_local)."""
+    common = entry.common_properties
+    tag = common.custom_tags.get(HOST_TAG)
+    if not tag:
+        return None
+    priority, _, dep_id = tag.partition("|")
+    kind = "fallback" if priority not in ("", "0") else "first"
+    if kind == "first" and common.upstream_request_attempt_count > 1:
+        kind = "retry"
+    status = entry.response.response_code.value if entry.response.HasField("response_code") else 0
+    flags = common.response_flags
+    if flags.upstream_request_timeout or flags.upstream_connection_failure:
+        status = 0
+    if flags.upstream_remote_reset or flags.upstream_connection_termination:
+        status = 0 if status < 400 else status
+    if common.HasField("time_to_last_upstream_rx_byte"):
+        latency = common.time_to_last_upstream_rx_byte.ToTimedelta().total_seconds()
+    else:
+        latency = common.duration.ToTimedelta().total_seconds()
+    ttft = (
+        common.time_to_first_upstream_rx_byte.ToTimedelta().total_seconds()
+        if common.HasField("time_to_first_upstream_rx_byte")
+        else None
+    )
+    retry_after = None
+    value = entry.response.response_headers.get("retry-after")
+    if value:
+        try:
+            retry_after = float(value)
+        except ValueError:
+            retry_after = None  # an HTTP date: cooldown_time applies
+    stream = common.custom_tags.get("llmux_stream") == "true"
+    return Outcome(dep_id, status, latency, ttft, stream, retry_after), kind
+
+
+class TokenReports(asyncio.DatagramProtocol):
+    """Tokens per answered request, from the workers (usage-based routing counts TPM; the
+    upstream log knows requests, not tokens). One datagram `<deployment id>\t<tokens>`."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        dep, _, tokens = data.decode("utf-8", "replace").partition("\t")
+        observe = getattr(self.control.strategy, "observe_tokens", None)
+        if observe is not None and dep in self.control.groups_of and tokens.isdigit():
+            observe(dep, int(tokens))
+            self.control.changed.set()
+
+
+def _datagram_socket(path: Path) -> socket.socket:
+    path.unlink(missing_ok=True)  # left by a supervisor that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    return sock
+
+
+async def listen_for_tokens(control: ControlPlane, path: Path) -> asyncio.BaseTransport:
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: TokenReports(control), sock=_datagram_socket(path)
+    )
+    return transport
+
+
+class TokenReporter:
+    """The worker's side: a datagram per accounted answer, only under usage-based routing;
+    never blocks, and a supervisor not listening only costs the report."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+
+    def __call__(self, deployment: str, tokens: int) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendto(f"{deployment}\t{tokens}".encode(), self.path)
+
+
+class AttemptLog(AccessLogServiceServicer):  # type: ignore[misc]
+    """Envoy's upstream log stream: one entry per attempt."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    async def StreamAccessLogs(
+        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: Any
+    ) -> als_pb2.StreamAccessLogsResponse:
+        async for message in request_iterator:
+            for entry in message.http_logs.log_entry:
+                try:
+                    found = outcome_from_entry(entry)
+                    if found is not None:
+                        self.control.record(*found)
+                except Exception:
+                    log.exception("could not read an upstream log entry")
+        return als_pb2.StreamAccessLogsResponse()
