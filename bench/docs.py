@@ -13,6 +13,9 @@ from bench.report import (
     availability_table,
     cold_start_table,
     cpu_table,
+    failover_summary,
+    failover_table,
+    failover_targets,
     hold_table,
     latency_table,
     md_table,
@@ -48,6 +51,21 @@ METHOD = """
   latency at 200, 500 and 1,000 req/s with Poisson arrivals from `bench/loadgen.py`
   (1 s warm-up, then the measured window). `workers: 2` gets the throughput runs only
   (`--full-suite-workers` changes that).
+* **Failover**: LLMux (`workers` as the first LLMux target) serving one model group of two
+  `openai/gpt-4o-mini` deployments on the mock: one on a listener that answers every call
+  with HTTP 500 and an OpenAI error body, the other answering normally;
+  `router_settings: {num_retries: 1}`. Two variants, each started fresh: *cooldowns and
+  breaker off* (`disable_cooldowns: true`, and `llmux.circuit_breaker.failure_rate: 1.0`
+  so LLMux's own breaker, which `disable_cooldowns` leaves on, never opens): the load
+  balancer keeps picking the failing deployment, the worst case; *cooldowns on*: the
+  defaults (LiteLLM's cooldown rule, 5 s cooldowns, and the breaker). Floor: bare Envoy
+  routing to the same two endpoints with Envoy's own retry (`retry_on: 5xx`, one retry,
+  `previous_hosts`, the same back-off as LLMux's group routes). Closed-loop throughput at
+  the same connection counts, open-loop latency at 200 req/s (`--failover-rates`); the
+  healthy reference is the same LLMux's OpenAI group in the same repetition. The client
+  error rate is from the generator; the attempts that reached the failing deployment are
+  the failing listener's request count (the mock's admin stats) around each measurement,
+  per request answered (warm-up included, like CPU). `--no-failover` skips it.
 * **No coordinated omission**: the open-loop generator draws every send time from the
   Poisson process independently of the answers and measures each latency from the
   *scheduled* time, so a stalled target or a late generator adds to the latency instead of
@@ -91,6 +109,12 @@ def figures(data: dict[str, Any]) -> str:
         "*added* is the gateway's figure minus bare Envoy's at the same rate in the same "
         "repetition.\n\n" + latency_table(res),
         "### Streaming: time to first body byte (open loop)\n\n" + latency_table(res, "ttfb_ms"),
+        "### Failover: one of two deployments answers 500\n\n"
+        "LLMux with `num_retries: 1` in front of a group whose first deployment always "
+        "fails, without and with cooldowns, next to its healthy group and to bare Envoy "
+        "retrying the same way. " + failover_summary(res) + "\n\n" + failover_table(res)
+        if failover_targets(res)
+        else "",
         "### CPU per request (utime+stime deltas from /proc)\n\n" + cpu_table(res),
         "### Peak RSS per process\n\n" + memory_table(res),
         "### Cold start\n\n" + cold_start_table(res),
@@ -118,6 +142,8 @@ def settings_line(settings: dict[str, Any]) -> str:
         "warmup",
         "connections",
         "rates",
+        "failover",
+        "failover_rates",
         "streams",
         "hold_s",
         "workers",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.targets import ROOT
-from llmux_extproc.envoy_binary import find_envoy
+from llmux_extproc.control.envoy_binary import find_envoy
 
 
 def _cpu_model() -> str:

@@ -8,8 +8,10 @@ what is measured is the gateway in front of it, not the provider.
 Which answer comes back is chosen by the listener (port), since a route cannot look into
 the request body: one port per kind of answer, so each gateway deployment picks its answer
 with its `api_base`, and each gets an upstream cluster of its own, as distinct providers
-would. Held streams need an upstream that stays open after the first chunk, which
-`direct_response` cannot do: `bench.hold_server` plays that part.
+would. One more listener (FAILING) answers every call with HTTP 500 and an OpenAI-shaped
+error body: the broken deployment of the failover scenario. Held streams need an upstream
+that stays open after the first chunk, which `direct_response` cannot do:
+`bench.hold_server` plays that part.
 """
 
 from __future__ import annotations
@@ -132,13 +134,28 @@ def anthropic_sse() -> str:
     return "".join(parts)
 
 
-def _answer(body: str, content_type: str) -> dict[str, Any]:
+def openai_error_json() -> str:
+    """What OpenAI sends with a 500."""
+    return _dumps(
+        {
+            "error": {
+                "message": "The server had an error while processing your request. "
+                "Sorry about that!",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    )
+
+
+def _answer(body: str, content_type: str, status: int = 200) -> dict[str, Any]:
     return {
         "match": {
             "prefix": "/",
             "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
         },
-        "direct_response": {"status": 200, "body": {"inline_string": body}},
+        "direct_response": {"status": status, "body": {"inline_string": body}},
         "response_headers_to_add": [
             {"header": {"key": "content-type", "value": content_type}},
         ],
@@ -196,9 +213,16 @@ ANSWERS = {
 }
 
 
-def mock_config(ports: dict[str, int], admin_port: int) -> Any:
+# The failing deployment: its listener (and stat prefix, `http.failing.*` in the mock's
+# admin stats, which count the attempts that reached it) and its status.
+FAILING = "failing"
+FAILING_STATUS = 500
+
+
+def mock_config(ports: dict[str, int], admin_port: int, failing_port: int | None = None) -> Any:
     """Envoy bootstrap of the mock provider: one listener per kind of answer, `ports`
-    mapping each kind of ANSWERS to its port."""
+    mapping each kind of ANSWERS to its port, and with `failing_port` the FAILING listener
+    answering every POST with a 500 and an OpenAI error body."""
     # The buffer filter reads each request body before the route answers: a reply sent
     # while the request is still incomplete would make Envoy close the connection, so
     # every proxied call would pay a new upstream connection.
@@ -216,17 +240,26 @@ def mock_config(ports: dict[str, int], admin_port: int) -> Any:
             {"match": {"prefix": "/"}, "direct_response": {"status": 405}},
         ]
         listeners.append(_listener(f"mock_{kind}", ports[kind], _hcm(kind, routes, [buffer])))
+    if failing_port is not None:
+        routes = [
+            _answer(openai_error_json(), "application/json", FAILING_STATUS),
+            {"match": {"prefix": "/"}, "direct_response": {"status": 405}},
+        ]
+        hcm = _hcm(FAILING, routes, [buffer])
+        listeners.append(_listener(f"mock_{FAILING}", failing_port, hcm))
     return _bootstrap("bench-mock", admin_port, listeners, [])
 
 
-def _cluster(name: str, port: int) -> dict[str, Any]:
+def _cluster(name: str, *ports: int) -> dict[str, Any]:
     return {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "10s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(port)}}]}],
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _addr(port)}} for port in ports]}
+            ],
         },
         "circuit_breakers": {
             "thresholds": [
@@ -245,6 +278,7 @@ def _cluster(name: str, port: int) -> dict[str, Any]:
 # Paths the floor is sent, and the mock answer each one is routed to (what a provider
 # itself would be sent; the prefix only selects the cluster).
 BARE_ROUTES = {
+    "/failover/v1/chat/completions": "failover",
     "/stream/v1/chat/completions": "openai_stream",
     "/stream/v1/messages": "anthropic_stream",
     "/v1/chat/completions": "openai",
@@ -253,17 +287,50 @@ BARE_ROUTES = {
 }
 
 
-def bare_proxy_config(port: int, admin_port: int, upstream_ports: dict[str, int]) -> Any:
+# The floor of the failover scenario: Envoy alone retrying a 5xx once on the other
+# endpoint, as LLMux's group route does with `num_retries: 1` (same host predicate, same
+# jittered back-off before the retry; the cluster's load balancer is round robin in both).
+BARE_FAILOVER_RETRY = {
+    "retry_on": "5xx",
+    "num_retries": 1,
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                _TYPE: _T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 5,
+    "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.25s"},
+}
+
+
+def bare_proxy_config(
+    port: int,
+    admin_port: int,
+    upstream_ports: dict[str, int],
+    failover_ports: tuple[int, int] | None = None,
+) -> Any:
     """The floor: a plain Envoy listener routing to the mock, its upstream clusters set up
     like LLMux's provider clusters (HTTP/1.1, same circuit breakers), no filter but the
-    router. `upstream_ports` maps each kind of ANSWERS and "hold" to its port."""
-    routes = [
-        {
-            "match": {"prefix": path},
-            "route": {"cluster": kind, "timeout": "0s" if kind == "hold" else "600s"},
-        }
-        for path, kind in BARE_ROUTES.items()
-    ]
+    router. `upstream_ports` maps each kind of ANSWERS and "hold" to its port;
+    `failover_ports` (the FAILING port, then the OpenAI one) makes the "failover" cluster of
+    those two endpoints, whose route retries a 5xx once on the other one."""
+    routes = []
+    for path, kind in BARE_ROUTES.items():
+        if kind == "failover" and failover_ports is None:
+            continue
+        route: dict[str, Any] = {"cluster": kind, "timeout": "0s" if kind == "hold" else "600s"}
+        if kind == "failover":
+            route["retry_policy"] = BARE_FAILOVER_RETRY
+        routes.append({"match": {"prefix": path}, "route": route})
     clusters = [_cluster(kind, p) for kind, p in upstream_ports.items()]
+    if failover_ports is not None:
+        failover = _cluster("failover", *failover_ports)
+        # Envoy's default allows 3 concurrent retries per cluster and answers the rest with
+        # the failed attempt; LLMux's group clusters raise it, and so does the floor.
+        failover["circuit_breakers"]["thresholds"][0]["max_retries"] = 10000
+        clusters.append(failover)
     listener = _listener("bare", port, _hcm("bare", routes, []))
     return _bootstrap("bench-bare", admin_port, [listener], clusters)

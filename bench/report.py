@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from bench.mock_upstream import STREAM_CHUNKS
-from bench.targets import KIND_LABELS, KINDS, STREAMING
+from bench.targets import ALL_KINDS, FAILOVER, KIND_LABELS, KINDS, STREAMING
 
 Record = dict[str, Any]
 NON_STREAMING = {"openai_stream": "openai", "anthropic_stream": "anthropic"}
@@ -42,9 +42,13 @@ class Results:
         self.runs: list[Record] = data["runs"]
         self.targets: list[tuple[str, str]] = []
         self.index: dict[tuple[str, str, str, float], dict[int, Record]] = {}
+        # Scenario targets: the (target, kind) their figures are compared with.
+        self.baselines: dict[str, tuple[str, str]] = {}
         for run in self.runs:
             if (run["target"], run["label"]) not in self.targets:
                 self.targets.append((run["target"], run["label"]))
+            if run.get("baseline"):
+                self.baselines[run["target"]] = (run["baseline"][0], run["baseline"][1])
             for m in run.get("measurements", []):
                 param = m["connections"] if m["mode"] == "closed" else m["rate"]
                 key = (run["target"], m["kind"], m["mode"], float(param))
@@ -69,13 +73,21 @@ class Results:
         return out
 
     def added(
-        self, target: str, kind: str, mode: str, param: float, get: Callable[[Record], Any]
+        self,
+        target: str,
+        kind: str,
+        mode: str,
+        param: float,
+        get: Callable[[Record], Any],
+        floor: tuple[str, str] | None = None,
     ) -> list[float | None]:
-        """Per repetition, the target's figure minus bare Envoy's in the same repetition."""
+        """Per repetition, the target's figure minus bare Envoy's in the same repetition
+        (or minus that of `floor`, another (target, kind))."""
         mine = self.values(target, kind, mode, param, get)
-        floor = self.values("bare", kind, mode, param, get)
+        floor_target, floor_kind = floor or ("bare", kind)
+        floor_values = self.values(floor_target, floor_kind, mode, param, get)
         return [
-            (v - floor[rep]) if v is not None and floor.get(rep) is not None else None  # type: ignore[operator]
+            (v - f) if v is not None and (f := floor_values.get(rep)) is not None else None
             for rep, v in mine.items()
         ]
 
@@ -110,6 +122,21 @@ def cpu_getter(role: str) -> Callable[[Record], Any]:
     return lambda m: m.get("cpu_us_per_request", {}).get(role)
 
 
+def error_count(m: Record) -> int:
+    return sum(int(n) for n in m["result"]["errors"].values())
+
+
+def error_rate(m: Record) -> Any:
+    """Share of the measured requests the client got no 2xx answer for."""
+    errors = error_count(m)
+    asked = m["result"]["ok"] + errors
+    return errors / asked if asked else None
+
+
+def failing_per_request(m: Record) -> Any:
+    return m.get("failing_attempts_per_request")
+
+
 # -- tables ----------------------------------------------------------------------------------
 
 
@@ -123,11 +150,17 @@ def availability_table(res: Results) -> str:
     avail: dict[str, dict[str, str]] = res.data.get("availability", {})
     header = ["scenario", *(res.label(t) for t, _ in res.targets)]
     rows = []
-    for kind in KINDS:
+    for kind in ALL_KINDS:
+        if kind not in KINDS and not any(kind in avail.get(t, {}) for t in res.gateways()):
+            continue
         row = [KIND_LABELS[kind]]
         for t, _ in res.targets:
-            status = avail.get(t, {}).get(kind, "not run")
-            row.append("yes" if status == "ok" else "**no**: " + _short(status))
+            status = avail.get(t, {}).get(kind)
+            if status is None:
+                # A scenario target (failover) serves only its scenario, the others not it.
+                row.append("—" if kind == FAILOVER or t in res.baselines else "**no**: not run")
+            else:
+                row.append("yes" if status == "ok" else "**no**: " + _short(status))
         rows.append(row)
     return md_table(header, rows)
 
@@ -139,14 +172,16 @@ def _short(text: str, n: int = 160) -> str:
 
 def throughput_table(res: Results) -> str:
     conns = sorted({k[3] for k in res.index if k[2] == "closed"})
-    header = ["scenario", "connections", *(res.label(t) for t, _ in res.targets)]
+    # Scenario targets (failover) have a table of their own.
+    targets = [(t, label) for t, label in res.targets if t not in res.baselines]
+    header = ["scenario", "connections", *(label for _, label in targets)]
     rows = []
     for kind in KINDS:
         for c in conns:
-            if not any(res.has(t, kind, "closed") for t, _ in res.targets):
+            if not any(res.has(t, kind, "closed") for t, _ in targets):
                 continue
             row = [KIND_LABELS[kind], f"{c:g}"]
-            for t, _ in res.targets:
+            for t, _ in targets:
                 row.append(fmt(res.values(t, kind, "closed", c, rps).values()))
             rows.append(row)
     return md_table(header, rows)
@@ -201,7 +236,7 @@ def open_loop_health_table(res: Results) -> str:
     ]
     rows = []
     for t, label in res.targets:
-        for kind in KINDS:
+        for kind in ALL_KINDS:
             for key, reps in sorted(res.index.items()):
                 if key[:3] != (t, kind, "open"):
                     continue
@@ -274,7 +309,7 @@ def cpu_table(res: Results) -> str:
                 for r in m["cpu_s"]
             }
         )
-        for kind in KINDS:
+        for kind in ALL_KINDS:
             loads = [
                 ("closed", c)
                 for c in sorted({k[3] for k in res.index if k[:3] == (t, kind, "closed")})
@@ -363,3 +398,171 @@ def hold_table(res: Results) -> str:
             ]
         )
     return md_table(header, rows) if rows else "_not run_"
+
+
+# -- the failover scenario -------------------------------------------------------------------
+
+
+def failover_targets(res: Results) -> list[str]:
+    """Targets measured on the failover group, bare Envoy (its own retry) first."""
+    out = [t for t, _ in res.targets if any(k[:2] == (t, FAILOVER) for k in res.index)]
+    return sorted(out, key=lambda t: t != "bare")
+
+
+def _pct(values: Iterable[float | None]) -> str:
+    return fmt((v * 100 if v is not None else None for v in values), 2, "%")
+
+
+def _pair(res: Results, target: str, kind: str, rate: float) -> str:
+    p50, p99 = lat_getter("latency_ms", "p50"), lat_getter("latency_ms", "p99")
+    return (
+        f"{fmt(res.values(target, kind, 'open', rate, p50).values(), 2)} / "
+        f"{fmt(res.values(target, kind, 'open', rate, p99).values(), 2)}"
+    )
+
+
+def _added_pair(res: Results, target: str, rate: float, floor: tuple[str, str] | None) -> str:
+    if floor is None:
+        return "—"
+    p50, p99 = lat_getter("latency_ms", "p50"), lat_getter("latency_ms", "p99")
+    return (
+        f"{fmt(res.added(target, FAILOVER, 'open', rate, p50, floor), 2)} / "
+        f"{fmt(res.added(target, FAILOVER, 'open', rate, p99, floor), 2)}"
+    )
+
+
+def failover_table(res: Results) -> str:
+    """Closed-loop throughput and fixed-rate latency of the failover group, next to the
+    same LLMux's healthy group (its baseline) and bare Envoy doing the same failover."""
+    targets = failover_targets(res)
+    if not targets:
+        return "_not run_"
+    baselines = list(dict.fromkeys(res.baselines[t] for t in targets if t in res.baselines))
+    rows_of: list[tuple[str, str, str]] = [
+        (t, FAILOVER, res.label(t) + (" (Envoy's own retry)" if t == "bare" else ""))
+        for t in targets
+    ]
+    rows_of[1:1] = [(t, k, f"{res.label(t)}, healthy group ({k})") for t, k in baselines]
+
+    def share_cells(t: str, kind: str, mode: str, param: float) -> list[str]:
+        if kind != FAILOVER:
+            return ["—", "—"]
+        return [
+            _pct(res.values(t, kind, mode, param, error_rate).values()),
+            fmt(res.values(t, kind, mode, param, failing_per_request).values(), 2),
+        ]
+
+    conns = sorted({k[3] for k in res.index if k[1] == FAILOVER and k[2] == "closed"})
+    closed = []
+    for c in conns:
+        for t, kind, label in rows_of:
+            if res.has(t, kind, "closed"):
+                answered = fmt(res.values(t, kind, "closed", c, rps).values())
+                closed.append([label, f"{c:g}", answered, *share_cells(t, kind, "closed", c)])
+    rates = sorted({k[3] for k in res.index if k[1] == FAILOVER and k[2] == "open"})
+    opened = []
+    for rate in rates:
+        for t, kind, label in rows_of:
+            if not res.has(t, kind, "open"):
+                continue
+            failover = kind == FAILOVER
+            baseline = res.baselines.get(t)
+            opened.append(
+                [
+                    label,
+                    f"{rate:g}",
+                    _pair(res, t, kind, rate),
+                    _added_pair(res, t, rate, baseline) if failover else "—",
+                    _added_pair(res, t, rate, ("bare", FAILOVER))
+                    if failover and t != "bare"
+                    else "—",
+                    *share_cells(t, kind, "open", rate),
+                ]
+            )
+    shares = ["client error rate", "attempts on the failing deployment per request"]
+    return (
+        md_table(["target", "connections", "answered req/s", *shares], closed)
+        + "\n\n"
+        + md_table(
+            [
+                "target",
+                "offered req/s",
+                "p50 / p99 (ms)",
+                "added over the healthy group p50 / p99 (ms)",
+                "added over bare Envoy's failover p50 / p99 (ms)",
+                *shares,
+            ],
+            opened,
+        )
+    )
+
+
+def failover_summary(res: Results) -> str:
+    """One paragraph: what the failover figures show (medians over the repetitions)."""
+    targets = [t for t in failover_targets(res) if t in res.baselines]
+    if not targets:
+        return ""
+    rate = min((k[3] for k in res.index if k[1] == FAILOVER and k[2] == "open"), default=None)
+    conns = max((k[3] for k in res.index if k[1] == FAILOVER and k[2] == "closed"), default=None)
+    p50, p99 = lat_getter("latency_ms", "p50"), lat_getter("latency_ms", "p99")
+
+    def median(values: Iterable[float | None]) -> float | None:
+        s = spread(values)
+        return s[0] if s else None
+
+    errors: list[float] = []
+    parts = []
+    failing_of: dict[str, float | None] = {}
+    for t in targets:
+        base = res.baselines[t]
+        failing: list[float | None] = []
+        for key, reps in res.index.items():
+            if key[:2] == (t, FAILOVER):
+                errors += [e for m in reps.values() if (e := error_rate(m)) is not None]
+                failing += [failing_per_request(m) for m in reps.values()]
+        failing_of[t] = fail = median(failing)
+        text = res.label(t).removeprefix("LLMux failover, ")
+        if fail is not None:
+            text += f": {fail:.2f} attempts"
+        if rate is not None:
+            a50 = median(res.added(t, FAILOVER, "open", rate, p50, base))
+            a99 = median(res.added(t, FAILOVER, "open", rate, p99, base))
+            if a50 is not None and a99 is not None:
+                text += f", p50 {a50:+.2f} ms and p99 {a99:+.2f} ms at {rate:g} req/s"
+        if conns is not None:
+            mine = median(res.values(t, FAILOVER, "closed", conns, rps).values())
+            healthy = median(res.values(base[0], base[1], "closed", conns, rps).values())
+            if mine is not None and healthy:
+                change = (mine / healthy - 1) * 100
+                text += f", closed-loop throughput {change:+.0f}% ({conns:g} connections)"
+        parts.append(text)
+    worst = max(errors, default=None)
+    if worst is None:
+        answered = "the client figures are missing"
+    elif worst == 0:
+        answered = "every request was answered (no client errors)"
+    else:
+        answered = f"yet the client saw errors (up to {worst * 100:.2f}% of a measurement)"
+    text = (
+        "What it shows: with `num_retries: 1` a request that meets the failing deployment is "
+        f"retried on the healthy one, and {answered}. Per variant, the attempts that reached "
+        "the failing deployment per request, then what the failed attempt and the retry (a "
+        "jittered back-off of up to 10 ms, a second upstream attempt through the processor) "
+        "cost against the same LLMux's healthy group: " + "; ".join(parts) + "."
+    )
+    worst_case = next((failing_of[t] for t in targets if t.endswith("-no-cooldowns")), None)
+    if worst_case is not None and worst_case > 0.6:
+        text += (
+            " Without cooldowns and breaker more requests start on the failing deployment "
+            "than the half a random pick would send there: Envoy's round robin over two "
+            "endpoints gives the retry the healthy pick, so the next request on that Envoy "
+            "worker thread starts on the failing one again (a lone client on one connection "
+            "meets it every time)."
+        )
+    defaults = next((failing_of[t] for t in targets if t.endswith("-defaults")), None)
+    if defaults is not None and worst_case is not None and defaults < worst_case / 4:
+        text += (
+            " With the defaults the failing deployment is taken out of the rotation after a "
+            "few failures, and most of the cost goes with it."
+        )
+    return text

@@ -23,6 +23,7 @@ from bench.targets import (
     BareEnvoy,
     LiteLLM,
     LLMux,
+    LLMuxFailover,
     Target,
     Upstreams,
     ensure_litellm,
@@ -41,6 +42,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="warm-up seconds before each run (default 1)")
     p.add_argument("--connections", type=int, nargs="+", help="closed-loop connections")
     p.add_argument("--rates", type=float, nargs="+", help="open-loop offered req/s")
+    p.add_argument(
+        "--failover-rates",
+        type=float,
+        nargs="+",
+        help="open-loop offered req/s of the failover scenario (default 200)",
+    )
+    p.add_argument(
+        "--no-failover",
+        action="store_true",
+        help="skip the failover scenario (a group of two deployments, one failing)",
+    )
     p.add_argument("--streams", type=int, help="held open streams (default 10000; 0: skip)")
     p.add_argument("--hold", type=float, help="seconds to hold the streams (default 15)")
     p.add_argument(
@@ -72,6 +84,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             warmup=0.2,
             connections=(4,),
             rates=(50.0,),
+            failover_rates=(50.0,),
             streams=20,
             hold_s=1.0,
             first_byte_timeout=5.0,
@@ -86,6 +99,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "warmup": args.warmup,
         "connections": tuple(args.connections) if args.connections else None,
         "rates": tuple(args.rates) if args.rates else None,
+        "failover_rates": tuple(args.failover_rates) if args.failover_rates else None,
         "streams": args.streams,
         "hold_s": args.hold,
         "workers": tuple(args.workers) if args.workers else None,
@@ -98,6 +112,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         if value is not None:
             setattr(s, key, value)
     s.compare_litellm = bool(args.compare_litellm)
+    s.failover = not args.no_failover
     if not args.no_wrk:
         # The smoke run installs nothing: wrk if present, else the Python generator.
         s.wrk = ensure_wrk(install=not s.smoke)
@@ -106,7 +121,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def plans_for(settings: Settings, upstreams: Upstreams, workdir: Path) -> list[TargetPlan]:
     """Targets in the order each repetition runs them: a gateway first, so the floor only
-    runs the kinds some gateway serves. `--workers 0` leaves LLMux out."""
+    runs the kinds some gateway serves. `--workers 0` leaves LLMux out. The failover
+    targets (cooldowns and breaker off, then the defaults) follow the first LLMux, with
+    its worker count, and run before the floor, which measures the same failover with
+    Envoy's own retry."""
     plans: list[TargetPlan] = []
     llmux_workers = [w for w in settings.workers if w > 0]
     bare = TargetPlan(BareEnvoy(upstreams, workdir), open_loop=True, hold=True)
@@ -115,6 +133,12 @@ def plans_for(settings: Settings, upstreams: Upstreams, workdir: Path) -> list[T
         full = workers in settings.full_suite_workers
         plans.append(TargetPlan(target, open_loop=full, hold=full and i == 0))
         if i == 0:
+            if settings.failover:
+                for health in (False, True):
+                    failover = LLMuxFailover(
+                        upstreams, workdir, workers, health, settings.access_log
+                    )
+                    plans.append(TargetPlan(failover, open_loop=True, hold=False))
             plans.append(bare)
     if settings.compare_litellm:
         plans.append(TargetPlan(LiteLLM(upstreams, workdir, settings.litellm_workers), True, True))

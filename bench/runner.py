@@ -5,7 +5,9 @@ target serves correctly, closed-loop maximum throughput at each connection count
 targets with the full suite, open-loop latency at each fixed rate; CPU seconds of each
 process role around every measurement; peak RSS (VmHWM) of every process after the suite;
 then (first repetitions only) the held-streams test. Kinds a target does not serve
-correctly are recorded with the reason and skipped, never faked.
+correctly are recorded with the reason and skipped, never faked. The failover scenario's
+measurements also count the attempts that reached the failing deployment (the mock's
+admin stats) and get their own fixed rates (`failover_rates`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from bench.procstats import (
     rss_by_role,
     system_busy_seconds,
 )
-from bench.targets import HOLD, KINDS, STREAMING, Target
+from bench.targets import FAILOVER, HOLD, STREAMING, Target
 from bench.wrk import run_wrk
 
 
@@ -44,6 +46,8 @@ class Settings:
     warmup: float = 1.0
     connections: tuple[int, ...] = (32, 128)
     rates: tuple[float, ...] = (200.0, 500.0, 1000.0)
+    failover: bool = True  # run the failover scenario (needs LLMux)
+    failover_rates: tuple[float, ...] = (200.0,)
     streams: int = 10_000
     hold_s: float = 15.0
     hold_repetitions: int = 1
@@ -60,6 +64,9 @@ class Settings:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def rates_for(self, kind: str) -> tuple[float, ...]:
+        return self.failover_rates if kind == FAILOVER else self.rates
 
 
 @dataclass
@@ -164,8 +171,12 @@ def _measure(
     procs = target.processes
     result: LoadResult
     warmup_generator_cpu = 0.0
+
+    def failing_attempts() -> int:
+        return target.upstreams.failing_attempts() if kind == FAILOVER else 0
+
     if rate:
-        before = cpu_by_role(procs)
+        before, failing0 = cpu_by_role(procs), failing_attempts()
         result = loadgen.run(
             loadgen.open_loop(
                 "127.0.0.1",
@@ -191,7 +202,7 @@ def _measure(
                 target.headers,
             )
             warmup_generator_cpu = warm.generator_cpu_s
-        before = cpu_by_role(procs)
+        before, failing0 = cpu_by_role(procs), failing_attempts()
         result = run_wrk(
             settings.wrk,
             url,
@@ -204,7 +215,7 @@ def _measure(
         cpu = cpu_delta(before, cpu_by_role(procs))
         requests = result.total
     else:
-        before = cpu_by_role(procs)
+        before, failing0 = cpu_by_role(procs), failing_attempts()
         result = loadgen.run(
             loadgen.closed_loop(
                 "127.0.0.1", target.port, [request], connections, settings.duration, settings.warmup
@@ -222,6 +233,12 @@ def _measure(
         "cpu_us_per_request": _per_request_us(cpu, requests),
         "warmup_generator_cpu_s": warmup_generator_cpu,
     }
+    if kind == FAILOVER:
+        # Same basis as the CPU per request: every answer in the window, warm-up included
+        # for the open loop.
+        failing = failing_attempts() - failing0
+        record["failing_attempts"] = failing
+        record["failing_attempts_per_request"] = round(failing / requests, 4) if requests else None
     return record
 
 
@@ -299,6 +316,8 @@ def run_target(
     kinds some gateway serves."""
     target = plan.target
     run: dict[str, Any] = {"rep": rep, "target": target.name, "label": target.label}
+    if target.baseline:
+        run["baseline"] = list(target.baseline)
     avail = Availability()
     try:
         run["cold_start_s"] = round(target.start(timeout=30 if settings.smoke else 90), 3)
@@ -307,11 +326,11 @@ def run_target(
         reason = f"did not start: {exc}; log: {target.log_tail(600)}"
         log(f"{target.label}: {reason}")
         run["error"] = reason
-        return run, Availability({k: reason for k in KINDS})
+        return run, Availability({k: reason for k in target.kinds})
     log(f"{target.label} rep {rep + 1}: first 200 after {run['cold_start_s']:.3f}s")
     try:
         run["settle_s"] = round(settle(target), 2)
-        for kind in KINDS:
+        for kind in target.kinds:
             if floor_kinds is not None and kind not in floor_kinds:
                 avail.kinds[kind] = "not needed: no gateway serves this kind"
                 continue
@@ -319,7 +338,7 @@ def run_target(
             if not avail.ok(kind):
                 log(f"{target.label}: {kind} not available: {avail.kinds[kind][:200]}")
         measurements: list[dict[str, Any]] = []
-        for kind in KINDS:
+        for kind in target.kinds:
             if not avail.ok(kind):
                 continue
             for conns in settings.connections:
@@ -327,7 +346,7 @@ def run_target(
                 log(f"{target.label} {kind} closed c={conns}: {_brief(m)}")
                 measurements.append(m)
             if plan.open_loop:
-                for rate in settings.rates:
+                for rate in settings.rates_for(kind):
                     m = measure(target, kind, settings, rate=rate)
                     log(f"{target.label} {kind} open {rate:g}/s: {_brief(m)}")
                     measurements.append(m)
@@ -357,6 +376,8 @@ def _brief(m: dict[str, Any]) -> str:
     r = m["result"]
     lat = r["latency_ms"]
     errs = f" errors={r['errors']}" if any(r["errors"].values()) else ""
+    if m.get("failing_attempts_per_request") is not None:
+        errs += f" failing-deployment attempts/req={m['failing_attempts_per_request']:.3f}"
     if m.get("settled_s", 0) > 2:
         errs += f" (waited {m['settled_s']:.0f}s for the target to go idle first)"
     return (
@@ -376,7 +397,7 @@ def run_all(plans: list[TargetPlan], settings: Settings) -> dict[str, Any]:
             runs.append(run)
             availability.setdefault(plan.target.name, avail.kinds)
             if plan.target.gateway:
-                gateway_kinds |= {k for k in KINDS if avail.ok(k)}
+                gateway_kinds |= {k for k in plan.target.kinds if avail.ok(k)}
     return {"runs": runs, "availability": availability}
 
 

@@ -2,7 +2,9 @@
 
 Every target serves the same five kinds of request; `Target.request(kind)` gives the path
 and body a client sends it. Gateways (LLMux, LiteLLM) get OpenAI-shaped requests naming a
-model alias; bare Envoy gets what the provider itself would receive.
+model alias; bare Envoy gets what the provider itself would receive. The failover scenario
+(FAILOVER) has targets of its own: LLMux serving one model group of two deployments, one
+of which always answers 500 (`LLMuxFailover`), and bare Envoy retrying the same way.
 """
 
 from __future__ import annotations
@@ -26,16 +28,20 @@ import yaml
 from bench import mock_upstream
 from bench.loadgen import build_request
 from bench.procstats import Proc, cmdline, descendants
-from llmux_extproc.envoy_binary import find_envoy
+from llmux_extproc.control.envoy_binary import find_envoy
 
 KINDS = ("openai", "anthropic", "openai_stream", "anthropic_stream")
 HOLD = "hold"
+# Non-streaming OpenAI requests to a group whose other deployment always answers 500.
+FAILOVER = "failover"
+ALL_KINDS = (*KINDS, FAILOVER)
 KIND_LABELS = {
     "openai": "non-streaming, OpenAI provider",
     "anthropic": "non-streaming, translated (Anthropic)",
     "openai_stream": "streaming passthrough (OpenAI)",
     "anthropic_stream": "streaming translated (Anthropic)",
     HOLD: "held open streams",
+    FAILOVER: "non-streaming, failover (1 of 2 deployments answers 500)",
 }
 ALIASES = {
     "openai": "bench-openai",
@@ -43,6 +49,7 @@ ALIASES = {
     "openai_stream": "bench-openai-stream",
     "anthropic_stream": "bench-anthropic-stream",
     HOLD: "bench-hold",
+    FAILOVER: "bench-failover",
 }
 STREAMING = {"openai_stream", "anthropic_stream", HOLD}
 PROMPT = "Write one short sentence about load testing."
@@ -104,16 +111,17 @@ def wait_until_200(
     timeout: float,
     what: str,
     headers: dict[str, str] | None = None,
+    status: int = 200,
 ) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
         with contextlib.suppress(OSError, http.client.HTTPException):
-            if post(port, path, body, timeout=2, headers=headers)[0] == 200:
+            if post(port, path, body, timeout=2, headers=headers)[0] == status:
                 return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: no 200 within {timeout:.0f}s")
+            raise RuntimeError(f"{what}: no {status} within {timeout:.0f}s")
         time.sleep(0.005)
 
 
@@ -137,6 +145,7 @@ class Upstreams:
     )
     admin_port: int = field(default_factory=free_port)
     hold_port: int = field(default_factory=free_port)
+    failing_port: int = field(default_factory=free_port)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -145,7 +154,8 @@ class Upstreams:
 
     def start(self) -> None:
         cfg = self.workdir / "mock-envoy.json"
-        cfg.write_bytes(orjson.dumps(mock_upstream.mock_config(self.ports, self.admin_port)))
+        config = mock_upstream.mock_config(self.ports, self.admin_port, self.failing_port)
+        cfg.write_bytes(orjson.dumps(config))
         log = (self.workdir / "mock-envoy.log").open("wb")
         envoy = subprocess.Popen(
             [find_envoy(), "-c", str(cfg), "--disable-hot-restart", "--log-level", "warning"],
@@ -163,6 +173,15 @@ class Upstreams:
         self.procs.append(hold)
         for port in self.ports.values():
             wait_until_200(envoy, port, "/v1/chat/completions", b"{}", 20, "mock upstream Envoy")
+        wait_until_200(
+            envoy,
+            self.failing_port,
+            "/v1/chat/completions",
+            b"{}",
+            20,
+            "mock upstream Envoy (failing listener)",
+            status=mock_upstream.FAILING_STATUS,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -177,6 +196,33 @@ class Upstreams:
         for proc in self.procs:
             stop_process(proc)
         self.procs.clear()
+
+    def failing_attempts(self) -> int:
+        """Requests the failing deployment has received so far (the mock's admin stats)."""
+        stat = f"http.{mock_upstream.FAILING}.downstream_rq_total"
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=5)
+        try:
+            conn.request("GET", f"/stats?filter=^{stat}$")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        for line in text.splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == stat:
+                return int(value)
+        return 0
+
+    def failover_model_list(self) -> list[dict[str, Any]]:
+        """The failover group: two OpenAI deployments, the first on the failing listener
+        (every call a 500 with an OpenAI error body), the second answering normally."""
+        params = {"model": f"openai/{mock_upstream.MODEL_OPENAI}", "api_key": "sk-bench"}
+        return [
+            {
+                "model_name": ALIASES[FAILOVER],
+                "litellm_params": {**params, "api_base": f"http://127.0.0.1:{port}/v1"},
+            }
+            for port in (self.failing_port, self.ports["openai"])
+        ]
 
     def model_list(self) -> list[dict[str, Any]]:
         """LiteLLM-style deployments for every kind, pointed at the mocks."""
@@ -203,6 +249,10 @@ class Target:
     name = "target"
     label = "target"
     gateway = True  # OpenAI-shaped requests with model aliases
+    kinds: tuple[str, ...] = KINDS  # what it is measured on; the first one at start-up
+    # For a scenario target: the (target, kind) its figures are compared with besides bare
+    # Envoy, e.g. the failover group against the same LLMux's healthy group.
+    baseline: tuple[str, str] | None = None
 
     def __init__(self, upstreams: Upstreams, workdir: Path) -> None:
         self.upstreams = upstreams
@@ -228,6 +278,8 @@ class Target:
             return "/v1/chat/completions", openai_body(ALIASES[kind], stream)
         if kind == HOLD:
             return "/hold/v1/chat/completions", openai_body(mock_upstream.MODEL_OPENAI, True)
+        if kind == FAILOVER:
+            return "/failover/v1/chat/completions", openai_body(mock_upstream.MODEL_OPENAI, False)
         prefix = "/stream" if stream else ""
         if kind.startswith("anthropic"):
             return f"{prefix}/v1/messages", anthropic_body(stream)
@@ -246,7 +298,7 @@ class Target:
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=ROOT
         )
-        path, body = self.request("openai")
+        path, body = self.request(self.kinds[0])
         wait_until_200(self.proc, self.port, path, body, timeout, self.label, self.headers)
         cold = time.perf_counter() - started
         self.processes = self.discover()
@@ -269,10 +321,13 @@ class BareEnvoy(Target):
     name = "bare"
     label = "bare Envoy"
     gateway = False
+    kinds = ALL_KINDS
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         admin = free_port()
-        config = mock_upstream.bare_proxy_config(self.port, admin, self.upstreams.all_ports)
+        up = self.upstreams
+        failover = (up.failing_port, up.ports["openai"])
+        config = mock_upstream.bare_proxy_config(self.port, admin, up.all_ports, failover)
         path = self.workdir / "bare-envoy.json"
         path.write_bytes(orjson.dumps(config))
         cmd = [find_envoy(), "-c", str(path), "--disable-hot-restart", "--log-level", "warning"]
@@ -329,6 +384,48 @@ class LLMux(Target):
             else:
                 procs.append(Proc(pid, "other"))
         return procs
+
+
+class LLMuxFailover(LLMux):
+    """LLMux serving only the failover group (one deployment always answers 500), with
+    `router_settings.num_retries: 1`: every request that meets the failing deployment is
+    retried on the other.
+
+    `health=False` is the worst case: `disable_cooldowns: true`, and LLMux's own circuit
+    breaker (the seed's rule, which runs alongside LiteLLM's cooldowns and which
+    `disable_cooldowns` leaves on) never opens (`failure_rate: 1.0`: it opens only above
+    that share of failures), so the load balancer keeps sending the failing deployment its
+    share. `health=True` keeps the defaults (LiteLLM's cooldown rule, 5 s; the breaker),
+    which take the failing deployment out of the rotation."""
+
+    kinds = (FAILOVER,)
+
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        workdir: Path,
+        workers: int,
+        health: bool,
+        access_log: str = "off",
+    ) -> None:
+        super().__init__(upstreams, workdir, workers, access_log)
+        self.health = health
+        self.name = f"failover-w{workers}-{'defaults' if health else 'no-cooldowns'}"
+        self.label = (
+            "LLMux failover, cooldowns on"
+            if health
+            else "LLMux failover, cooldowns and breaker off"
+        )
+        self.baseline = (f"llmux-w{workers}", "openai")
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()
+        config["model_list"] = self.upstreams.failover_model_list()
+        config["router_settings"] = {"num_retries": 1}
+        if not self.health:
+            config["router_settings"]["disable_cooldowns"] = True
+            config["llmux"]["circuit_breaker"] = {"failure_rate": 1.0}
+        return config
 
 
 LITELLM_VENV = ROOT / "bench" / ".litellm-venv"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from llmux_extproc.config import ConfigError, load_config
+from llmux_extproc.control.config import ConfigError, load_config
 
 
 def _setup_logging() -> None:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        from llmux_extproc.supervisor import run
+        from llmux_extproc.control.supervisor import run
 
         return run(args.config)
     if args.command == "check-config":
@@ -64,14 +64,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"ok: {len(config.deployments)} deployments, models: {', '.join(config.model_names)}")
         return 0
     if args.command == "envoy-config":
-        from llmux_extproc.envoy_config import RuntimePaths, bootstrap
+        from llmux_extproc.control.envoy_config import RuntimePaths, bootstrap
 
         config = load_config(args.config)
         doc = bootstrap(config, RuntimePaths(Path(args.runtime_dir)), static_clusters=True)
         print(yaml.safe_dump(doc, sort_keys=False), end="")
         return 0
     if args.command == "extproc":
-        from llmux_extproc.server import run_worker
+        from llmux_extproc.dataplane.server import run_worker
 
         run_worker(args.config, args.listen, watch=args.watch)
         return 0

@@ -34,8 +34,8 @@ ENCODINGS = {
 TOKENIZER_DIR = "litellm/litellm_core_utils/tokenizers/"
 PRICES_MEMBER = "litellm/model_prices_and_context_window_backup.json"
 
-# Only what llmux_extproc.pricing reads (plus a few cheap descriptive ones): the full table is
-# ~3.5 MB and most of it is capability flags and niche pricing tiers we do not bill.
+# Only what llmux_extproc.accounting.pricing reads (plus a few cheap descriptive ones): the
+# full table is ~3.5 MB and most of it is capability flags and niche pricing tiers we do not bill.
 PRICE_FIELDS = (
     "input_cost_per_token",
     "output_cost_per_token",

@@ -9,10 +9,10 @@ import orjson
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf.struct_pb2 import Struct
 
-from llmux_extproc import tokens
-from llmux_extproc.accesslog import StreamAccounting
-from llmux_extproc.envoy_config import METADATA_NAMESPACE, STREAM_NAMESPACE, USAGE_NAMESPACE
-from llmux_extproc.gateway import CutShort, count_cut_short
+from llmux_extproc.accounting import tokens
+from llmux_extproc.control.envoy_config import METADATA_NAMESPACE, STREAM_NAMESPACE, USAGE_NAMESPACE
+from llmux_extproc.dataplane.accesslog import StreamAccounting
+from llmux_extproc.dataplane.gateway import CutShort, count_cut_short
 
 MESSAGES: list[dict[str, object]] = [
     {"role": "user", "content": "Count the words in this sentence."}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llmux_extproc.config import ConfigError, load_config, parse_config
+from llmux_extproc.control.config import ConfigError, load_config, parse_config
 
 LITELLM_CONFIG = """
 model_list:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from llmux_extproc import pricing
+from llmux_extproc.accounting import pricing
 from tests.harness import Gateway, MockUpstream, running_gateway
 from tests.mock_anthropic import API_KEY, MOCK_USAGE, AnthropicMock
 
@@ -164,7 +164,7 @@ def test_openai_format_cost_is_computed_in_envoy_with_the_same_arithmetic(
             )
             price = pricing.lookup("o3-mini", "openai")
             assert price is not None and price.cache_read_input_token_cost is not None
-            from llmux_extproc.usage import Usage
+            from llmux_extproc.accounting.usage import Usage
 
             expected = pricing.cost(price, Usage.from_openai(usage))
             assert expected > 0

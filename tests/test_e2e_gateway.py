@@ -224,7 +224,7 @@ def test_models_list(client: openai.OpenAI) -> None:
 
 
 def test_mock_provider_counts_tokens_honestly(client: openai.OpenAI) -> None:
-    from llmux_extproc import tokens
+    from llmux_extproc.accounting import tokens
 
     messages: list[Any] = [{"role": "user", "content": "count these tokens please"}]
     completion = client.chat.completions.create(model="mock", messages=messages)

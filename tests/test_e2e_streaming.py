@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from llmux_extproc import tokens
+from llmux_extproc.accounting import tokens
 from tests.harness import (
     Gateway,
     MockUpstream,

@@ -9,12 +9,12 @@ from typing import Any
 import orjson
 import pytest
 
-from llmux_extproc import envoy_config, envoy_routing
-from llmux_extproc.config import parse_config
-from llmux_extproc.controlplane import ControlPlane
-from llmux_extproc.envoy_binary import find_envoy
-from llmux_extproc.envoy_config import RuntimePaths
-from llmux_extproc.envoy_routing import group_cluster_name
+from llmux_extproc.control import envoy_config, envoy_routing
+from llmux_extproc.control.config import parse_config
+from llmux_extproc.control.controlplane import ControlPlane
+from llmux_extproc.control.envoy_binary import find_envoy
+from llmux_extproc.control.envoy_config import RuntimePaths
+from llmux_extproc.control.envoy_routing import group_cluster_name
 
 CONFIG = """
 model_list:
@@ -61,8 +61,11 @@ def test_generated_configs_pass_envoy_validation(tmp_path: Path) -> None:
     # writes them.
     cds = envoy_config.cds_document(envoy_config.provider_clusters(config, paths), "1")
     paths.cds.write_bytes(orjson.dumps(cds))
-    control = ControlPlane(config, paths.root, paths.sink_port)
-    assert control.write() == len(config.model_names)  # one EDS file per group
+    # As the control plane publishes them: resolved, with health and weights.
+    published: list[list[dict[str, Any]]] = []
+    control = ControlPlane(config, paths.sink_port, published.append)
+    assert control.update(force=True) and not control.update()
+    paths.cds.write_bytes(orjson.dumps(envoy_config.cds_document(published[0], "2")))
     paths.rds.write_bytes(orjson.dumps(envoy_config.rds_document(config, "1")))
     validate(envoy_config.bootstrap(config, paths), tmp_path)
     # The default config and one listening on TCP too.
@@ -74,7 +77,7 @@ def test_generated_configs_pass_envoy_validation(tmp_path: Path) -> None:
 def test_cds_document_validates_as_static_clusters(tmp_path: Path) -> None:
     config = parse_config(CONFIG)
     paths = RuntimePaths(tmp_path)
-    doc = envoy_config.cds_document(envoy_config.provider_clusters(config, paths, eds=False), "7")
+    doc = envoy_config.cds_document(envoy_config.provider_clusters(config, paths), "7")
     assert doc["version_info"] == "7"
     clusters = [{k: v for k, v in r.items() if k != "@type"} for r in doc["resources"]]
     boot = envoy_config.bootstrap(config, paths, static_clusters=True)
@@ -97,7 +100,7 @@ def test_one_cluster_per_model_group_with_fallbacks_as_priorities() -> None:
     config = parse_config(CONFIG)
     ids = {d.model_name: d.id for d in config.deployments}
     paths = RuntimePaths(Path())
-    clusters = {c["name"]: c for c in envoy_config.provider_clusters(config, paths, eds=False)}
+    clusters = {c["name"]: c for c in envoy_config.provider_clusters(config, paths)}
     assert set(clusters) == {envoy_routing.LOCAL_CLUSTER} | {
         group_cluster_name(name) for name in config.model_names
     }

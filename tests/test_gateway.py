@@ -7,9 +7,9 @@ import asyncio
 import orjson
 import pytest
 
-from llmux_extproc.config import parse_config
-from llmux_extproc.context import DEFAULT_CALLER, Attempt, Caller, RequestContext
-from llmux_extproc.gateway import Forward, Gateway, Immediate
+from llmux_extproc.control.config import parse_config
+from llmux_extproc.dataplane.context import DEFAULT_CALLER, Attempt, Caller, RequestContext
+from llmux_extproc.dataplane.gateway import Forward, Gateway, Immediate
 
 CONFIG = """
 model_list:

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from llmux_extproc import pricing
-from llmux_extproc.pricing import ModelPrice, cost, lookup
-from llmux_extproc.usage import Usage
+from llmux_extproc.accounting import pricing
+from llmux_extproc.accounting.pricing import ModelPrice, cost, lookup
+from llmux_extproc.accounting.usage import Usage
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "llmux_extproc" / "data"
@@ -177,7 +177,7 @@ def test_bad_overrides_are_rejected(bad: dict[str, object]) -> None:
 
 
 def test_table_loaded_lazily() -> None:
-    code = "import llmux_extproc.pricing as p; assert p._table is None"
+    code = "import llmux_extproc.accounting.pricing as p; assert p._table is None"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
     lookup("gpt-4o")
     assert pricing._table is not None and len(pricing._table) > 1000

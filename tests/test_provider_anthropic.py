@@ -14,7 +14,8 @@ from anthropic.types import Message
 from anthropic.types.shared import ErrorResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from llmux_extproc.config import Deployment, parse_config
+from llmux_extproc.accounting.usage import Usage
+from llmux_extproc.control.config import Deployment, parse_config
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers.anthropic import (
     ADAPTER,
@@ -22,7 +23,6 @@ from llmux_extproc.providers.anthropic import (
     usage_from,
 )
 from llmux_extproc.providers.base import ClientRequest
-from llmux_extproc.usage import Usage
 from tests import mock_anthropic
 from tests.corpus import CASES, PNG_B64, TIME_TOOL, WEATHER_TOOL, Case, case
 

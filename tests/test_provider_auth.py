@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from llmux_extproc.config import Deployment, parse_config
+from llmux_extproc.control.config import Deployment, parse_config
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers import registry
 from llmux_extproc.providers.auth import APIKeyHeader, BackendAuth, NoAuth

@@ -8,7 +8,7 @@ import orjson
 import pytest
 import yaml
 
-from llmux_extproc.config import Deployment, parse_config
+from llmux_extproc.control.config import Deployment, parse_config
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers import azure
 from llmux_extproc.providers.base import ClientRequest

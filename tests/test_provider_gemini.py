@@ -16,7 +16,7 @@ import pytest
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from llmux_extproc.config import Deployment, parse_config
+from llmux_extproc.control.config import Deployment, parse_config
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers import gemini
 from llmux_extproc.providers.base import ClientRequest

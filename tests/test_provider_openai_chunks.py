@@ -10,7 +10,7 @@ import orjson
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
-from llmux_extproc.config import Deployment, parse_config
+from llmux_extproc.control.config import Deployment, parse_config
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers import anthropic, bedrock, gemini, vertex
 from llmux_extproc.providers.base import ClientRequest, StreamTranslator

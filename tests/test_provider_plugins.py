@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from llmux_extproc.config import Deployment, parse_config
+from llmux_extproc.control.config import Deployment, parse_config
 from llmux_extproc.providers import registry
 from llmux_extproc.providers.auth import APIKeyHeader
 from llmux_extproc.providers.base import Adapter, ClientRequest, UpstreamRequest

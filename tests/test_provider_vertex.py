@@ -13,7 +13,7 @@ import pytest
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from llmux_extproc.config import ConfigError, Deployment, parse_config
+from llmux_extproc.control.config import ConfigError, Deployment, parse_config
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers import vertex
 from llmux_extproc.providers.auth import google_auth

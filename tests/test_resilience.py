@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from llmux_extproc import envoy_config
-from llmux_extproc.config import ConfigError, parse_config
-from llmux_extproc.envoy_config import RuntimePaths
-from llmux_extproc.supervisor import ENVOY_MAX_QUICK_CRASHES, exit_reason, restart_delay
+from llmux_extproc.control import envoy_config
+from llmux_extproc.control.config import ConfigError, parse_config
+from llmux_extproc.control.envoy_config import RuntimePaths
+from llmux_extproc.control.supervisor import ENVOY_MAX_QUICK_CRASHES, exit_reason, restart_delay
 
 MOCK = "model_list: [{model_name: m, litellm_params: {model: mock/gpt-4o-mini}}]\n"
 

@@ -16,7 +16,7 @@ import tiktoken
 import tiktoken.load
 import tiktoken.model
 
-from llmux_extproc import tokens
+from llmux_extproc.accounting import tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,7 +145,7 @@ def test_loading_makes_no_network_call(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_nothing_loaded_at_import() -> None:
-    code = "import llmux_extproc.tokens as t; assert t._encodings == {}, t._encodings"
+    code = "import llmux_extproc.accounting.tokens as t; assert t._encodings == {}, t._encodings"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from llmux_extproc import pricing
+from llmux_extproc.accounting import pricing
+from llmux_extproc.accounting.usage import Usage
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers.auth import APIKeyHeader
 from llmux_extproc.providers.base import (
@@ -28,10 +29,9 @@ from llmux_extproc.providers.base import (
     extract_message,
 )
 from llmux_extproc.providers.openai_chunks import ChunkWriter
-from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
-    from llmux_extproc.config import Deployment
+    from llmux_extproc.control.config import Deployment
 
 API_VERSION = "2023-06-01"
 JSON_TOOL = "json_tool_call"

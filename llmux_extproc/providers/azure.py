@@ -22,7 +22,7 @@ from llmux_extproc.providers.base import ClientRequest, UpstreamRequest
 from llmux_extproc.providers.openai import OpenAIAdapter
 
 if TYPE_CHECKING:
-    from llmux_extproc.config import Deployment
+    from llmux_extproc.control.config import Deployment
 
 DEFAULT_API_VERSION = "2024-10-21"  # the newest GA data-plane version when written
 _OPERATIONS = {"chat": "chat/completions", "embeddings": "embeddings"}

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llmux_extproc.accounting.usage import Usage
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers.auth import BackendAuth, NoAuth
-from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
-    from llmux_extproc.config import Deployment
+    from llmux_extproc.control.config import Deployment
 
 
 @dataclass(slots=True)

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from llmux_extproc import tokens
+from llmux_extproc.accounting import tokens
+from llmux_extproc.accounting.usage import Usage
 from llmux_extproc.errors import GatewayError, bad_request
 from llmux_extproc.providers.auth import sigv4
 from llmux_extproc.providers.aws_eventstream import EventStreamDecoder, EventStreamError, Message
@@ -42,10 +43,9 @@ from llmux_extproc.providers.base import (
     extract_message,
 )
 from llmux_extproc.providers.openai_chunks import ChunkWriter
-from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
-    from llmux_extproc.config import Deployment
+    from llmux_extproc.control.config import Deployment
 
 JSON = dict[str, Any]
 SERVICE = "bedrock"

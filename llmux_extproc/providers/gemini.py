@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from llmux_extproc import tokens
+from llmux_extproc.accounting import tokens
+from llmux_extproc.accounting.usage import Usage
 from llmux_extproc.errors import GatewayError, bad_request
 from llmux_extproc.providers.auth import APIKeyHeader
 from llmux_extproc.providers.base import (
@@ -33,10 +34,9 @@ from llmux_extproc.providers.base import (
     extract_message,
 )
 from llmux_extproc.providers.openai_chunks import ChunkWriter
-from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
-    from llmux_extproc.config import Deployment
+    from llmux_extproc.control.config import Deployment
 
 Json = dict[str, Any]
 

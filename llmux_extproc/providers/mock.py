@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from llmux_extproc import tokens
+from llmux_extproc.accounting import tokens
+from llmux_extproc.accounting.usage import Usage
 from llmux_extproc.providers.base import Adapter, ClientRequest
 from llmux_extproc.providers.openai import client_wants_usage
 from llmux_extproc.providers.openai_chunks import ChunkWriter
-from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
-    from llmux_extproc.config import Deployment
+    from llmux_extproc.control.config import Deployment
 
 
 class MockAdapter(Adapter):

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from llmux_extproc.accounting.usage import Usage
+from llmux_extproc.dataplane.sse import EventSplitter, data_json
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers.auth import APIKeyHeader, BackendAuth
 from llmux_extproc.providers.base import (
@@ -21,11 +23,9 @@ from llmux_extproc.providers.base import (
     UpstreamResult,
     extract_message,
 )
-from llmux_extproc.sse import EventSplitter, data_json
-from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
-    from llmux_extproc.config import Deployment
+    from llmux_extproc.control.config import Deployment
 
 _PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 

@@ -22,8 +22,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from llmux_extproc.dataplane.sse import DONE, event
 from llmux_extproc.errors import GatewayError
-from llmux_extproc.sse import DONE, event
 
 __all__ = ["DONE", "ChunkWriter"]
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from llmux_extproc import tokens
+from llmux_extproc.accounting import tokens
+from llmux_extproc.accounting.usage import Usage
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers import anthropic, gemini
 from llmux_extproc.providers.auth import google_auth
@@ -25,10 +26,9 @@ from llmux_extproc.providers.base import (
     UpstreamRequest,
     UpstreamResult,
 )
-from llmux_extproc.usage import Usage
 
 if TYPE_CHECKING:
-    from llmux_extproc.config import Deployment
+    from llmux_extproc.control.config import Deployment
 
 ANTHROPIC_VERSION = "vertex-2023-10-16"
 # Anthropic request headers Vertex honours; its API version it does not (the body has it).

@@ -34,7 +34,7 @@ from llmux_extproc.errors import GatewayError
 from llmux_extproc.providers.auth import BackendAuth
 
 if TYPE_CHECKING:
-    from llmux_extproc.config import Deployment
+    from llmux_extproc.control.config import Deployment
     from llmux_extproc.providers.base import UpstreamRequest
 
 log = logging.getLogger("llmux.google_auth")

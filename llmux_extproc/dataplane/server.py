@@ -18,12 +18,13 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import (
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from llmux_extproc import metrics, tokens
-from llmux_extproc.accesslog import StreamAccounting
-from llmux_extproc.config import Config, ConfigError, file_stamp, load_config
-from llmux_extproc.controlplane import TOKENS_SOCKET, TokenReporter
-from llmux_extproc.extproc import Processor
-from llmux_extproc.gateway import Gateway
+from llmux_extproc.accounting import tokens
+from llmux_extproc.control.config import Config, ConfigError, file_stamp, load_config
+from llmux_extproc.control.controlplane import TOKENS_SOCKET, TokenReporter
+from llmux_extproc.dataplane.accesslog import StreamAccounting
+from llmux_extproc.dataplane.extproc import Processor
+from llmux_extproc.dataplane.gateway import Gateway
+from llmux_extproc.observability import metrics
 from llmux_extproc.policy.bulkhead import Bulkhead
 
 log = logging.getLogger("llmux.worker")

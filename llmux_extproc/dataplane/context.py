@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmux_extproc.config import Deployment
+from llmux_extproc.control.config import Deployment
 
 
 @dataclass(frozen=True, slots=True)

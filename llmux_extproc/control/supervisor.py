@@ -36,11 +36,16 @@ import grpc
 import orjson
 from envoy.service.accesslog.v3.als_pb2_grpc import add_AccessLogServiceServicer_to_server
 
-from llmux_extproc import envoy_config
-from llmux_extproc.config import Config, ConfigError, Listen, file_stamp, load_config
-from llmux_extproc.controlplane import TOKENS_SOCKET, AttemptLog, ControlPlane, listen_for_tokens
-from llmux_extproc.envoy_binary import find_envoy
-from llmux_extproc.envoy_config import RuntimePaths
+from llmux_extproc.control import envoy_config
+from llmux_extproc.control.config import Config, ConfigError, Listen, file_stamp, load_config
+from llmux_extproc.control.controlplane import (
+    TOKENS_SOCKET,
+    AttemptLog,
+    ControlPlane,
+    listen_for_tokens,
+)
+from llmux_extproc.control.envoy_binary import find_envoy
+from llmux_extproc.control.envoy_config import RuntimePaths
 
 log = logging.getLogger("llmux")
 
@@ -174,13 +179,12 @@ class Supervisor:
 
         # Created here, not in __init__: it imports the metrics, which must come after
         # PROMETHEUS_MULTIPROC_DIR is set (run()).
-        self.control = ControlPlane(self.config, self.paths.root, self.paths.sink_port)
+        self.control = ControlPlane(self.config, self.paths.sink_port, self.push_clusters)
         asyncio.run(self.control.resolve())
         for host in self.control.unresolved():
-            log.warning("provider host %s does not resolve yet; retried every 30 s", host)
-        self.control.write()  # endpoints before the clusters that read them
+            log.warning("provider host %s does not resolve yet; Envoy resolves it", host)
+        self.control.update(force=True)  # the group clusters, through CDS
         self.control.write_states(self.paths.deployments)
-        self.push_clusters(envoy_config.provider_clusters(self.config, self.paths))
         self.push_routes(self.config)
         bootstrap = envoy_config.bootstrap(self.config, self.paths)
         write_atomic(self.paths.bootstrap, orjson.dumps(bootstrap, option=orjson.OPT_INDENT_2))
@@ -344,7 +348,7 @@ class Supervisor:
         if stamp == self._stamp:
             return
         self._stamp = stamp
-        from llmux_extproc import metrics
+        from llmux_extproc.observability import metrics
 
         try:
             new = load_config(self.config_path)
@@ -353,12 +357,12 @@ class Supervisor:
             metrics.CONFIG_RELOADS.labels("error").inc()
             log.error("config reload rejected, keeping the running config: %s", exc)
             return
-        old_clusters = envoy_config.provider_clusters(self.config, self.paths)
-        new_clusters = envoy_config.provider_clusters(new, self.paths)
+        old_clusters = self.control.clusters()
         self.control.configure(new)
         await self.control.resolve()
-        self.control.write()
+        new_clusters = self.control.clusters()
         new_names = {c["name"] for c in new_clusters}
+        # Old clusters stay until the routes no longer lead there.
         union = new_clusters + [c for c in old_clusters if c["name"] not in new_names]
         self.push_clusters(union)
         deadline = time.monotonic() + 10
@@ -385,7 +389,7 @@ class Supervisor:
         # Requests already routed to a removed cluster finish; new ones no longer go there.
         await asyncio.sleep(2)
         if self.config is new:
-            self.push_clusters(new_clusters)
+            self.control.update(force=True)
 
     # -- run and stop --------------------------------------------------------------
 
@@ -540,7 +544,7 @@ def run(config_path: str | None) -> int:
     shutil.rmtree(prom_dir, ignore_errors=True)
     prom_dir.mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
-    from llmux_extproc import metrics
+    from llmux_extproc.observability import metrics
 
     m = config.settings.metrics
     if m.path:

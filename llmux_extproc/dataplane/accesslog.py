@@ -17,8 +17,8 @@ import orjson
 from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.accesslog.v3.als_pb2_grpc import AccessLogServiceServicer
 
-from llmux_extproc.envoy_config import METADATA_NAMESPACE, STREAM_NAMESPACE, USAGE_NAMESPACE
-from llmux_extproc.gateway import CutShort, Gateway
+from llmux_extproc.control.envoy_config import METADATA_NAMESPACE, STREAM_NAMESPACE, USAGE_NAMESPACE
+from llmux_extproc.dataplane.gateway import CutShort, Gateway
 
 log = logging.getLogger("llmux.accesslog")
 

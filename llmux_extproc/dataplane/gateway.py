@@ -24,12 +24,15 @@ from typing import Any
 
 import orjson
 
-from llmux_extproc import metrics, pricing, sse, tokens
-from llmux_extproc.auth import authenticate
-from llmux_extproc.config import PRICE_KEYS, Config, Deployment
-from llmux_extproc.context import DEFAULT_CALLER, Attempt, Caller, RequestContext
-from llmux_extproc.envoy_routing import attempts_per_group
+from llmux_extproc.accounting import pricing, tokens
+from llmux_extproc.accounting.usage import Usage
+from llmux_extproc.control.config import PRICE_KEYS, Config, Deployment
+from llmux_extproc.control.envoy_routing import attempts_per_group
+from llmux_extproc.dataplane import sse
+from llmux_extproc.dataplane.context import DEFAULT_CALLER, Attempt, Caller, RequestContext
 from llmux_extproc.errors import GatewayError, bad_request, error_type
+from llmux_extproc.observability import metrics
+from llmux_extproc.policy.auth import authenticate
 from llmux_extproc.policy.bulkhead import Bulkhead
 from llmux_extproc.providers.base import (
     Adapter,
@@ -40,7 +43,6 @@ from llmux_extproc.providers.base import (
 from llmux_extproc.providers.mock import MockAdapter
 from llmux_extproc.providers.openai import OpenAIStream, client_wants_usage
 from llmux_extproc.providers.registry import adapter_for, provider_header_names
-from llmux_extproc.usage import Usage
 
 OPERATIONS = {
     "/v1/chat/completions": "chat",

@@ -4,8 +4,9 @@ Envoy reports every upstream attempt (the router's upstream log, over gRPC, batc
 its status, timing and the deployment id of the endpoint it chose. The policies
 (`policy.health`: LiteLLM's cooldowns and the seed's breaker; `policy.strategies`: weights
 for latency-, usage- and cost-based routing) turn those into each endpoint's health and
-weight, which reach Envoy as EDS files; Envoy enforces them for every worker thread and
-every processor alike. Provider names are resolved here so that each deployment is one
+weight, which reach Envoy as the group clusters' endpoints (CDS; see
+envoy_routing.group_cluster for why not EDS); Envoy enforces them for every worker thread
+and every processor alike. Provider names are resolved here so that each deployment is one
 host (its further addresses as Envoy's additional addresses) whatever its name resolves to.
 The state is per replica (docs/architecture.md says why).
 """
@@ -25,8 +26,8 @@ import orjson
 from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.accesslog.v3.als_pb2_grpc import AccessLogServiceServicer
 
-from llmux_extproc import envoy_routing
-from llmux_extproc.config import Config
+from llmux_extproc.control import envoy_routing
+from llmux_extproc.control.config import Config
 from llmux_extproc.policy.health import (
     BreakerSettings,
     CooldownSettings,
@@ -46,7 +47,7 @@ TOKENS_SOCKET = "tokens.sock"  # in the runtime dir: workers' token reports
 
 
 def deployment_infos(config: Config, group: str) -> list[DeploymentInfo]:
-    from llmux_extproc.gateway import price_for
+    from llmux_extproc.dataplane.gateway import price_for
 
     out = []
     for level in envoy_routing.priorities(config, group):
@@ -65,22 +66,32 @@ def deployment_infos(config: Config, group: str) -> list[DeploymentInfo]:
     return out
 
 
+# A change of weights alone waits since the last push: each push replaces the group's
+# cluster (new connections), and latency or usage averages move all the time. A weight
+# that at least halves or doubles (a deployment becoming the fast or the cheap one) waits
+# MATERIAL_EVERY_S, smaller drift WEIGHTS_EVERY_S. Health changes (cooldown, breaker) go
+# out at once.
+WEIGHTS_EVERY_S = 5.0
+MATERIAL_EVERY_S = 1.0
+
+
 class ControlPlane:
-    """Per-deployment health and weights for one config, written as EDS files."""
+    """Per-deployment health and weights for one config, published as group clusters."""
 
     def __init__(
         self,
         config: Config,
-        eds_dir: Path,
         sink_port: int,
+        publish: Callable[[list[dict[str, Any]]], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.eds_dir = eds_dir
         self.sink_port = sink_port
+        self.publish = publish
         self.clock = clock
         self.addresses: dict[str, list[str]] = {}
         self._written: dict[str, bytes] = {}
-        self._version = 0
+        self._published: dict[str, tuple[bytes, list[int]]] = {}  # group: (health, weights)
+        self._weights_at = -WEIGHTS_EVERY_S
         self.changed = asyncio.Event()
         self.configure(config)
 
@@ -112,7 +123,7 @@ class ControlPlane:
     # -- outcomes ------------------------------------------------------------------
 
     def record(self, outcome: Outcome, kind: str = "first") -> None:
-        from llmux_extproc import metrics
+        from llmux_extproc.observability import metrics
 
         dep = outcome.deployment
         if dep not in self.groups_of:
@@ -138,7 +149,7 @@ class ControlPlane:
             self._count_transition(dep, status)
 
     def _count_transition(self, dep: str, before: str) -> None:
-        from llmux_extproc import metrics
+        from llmux_extproc.observability import metrics
 
         after = self.health.state(dep).status
         if after == before:
@@ -168,29 +179,39 @@ class ControlPlane:
             healthy=healthy,
         )
 
-    def write(self) -> int:
-        """Write the EDS files whose content changed; returns how many were."""
-        from llmux_extproc.supervisor import write_atomic
+    def clusters(self) -> list[dict[str, Any]]:
+        """Every cluster CDS serves for this config, with today's health and weights."""
+        assignments = {g: self.assignment(g) for g in self.config.model_names}
+        return envoy_routing.provider_clusters(self.config, self.sink_port, assignments)
 
-        written = 0
+    def update(self, *, force: bool = False) -> bool:
+        """Publish the clusters if a group's health changed, or its weights and the last
+        weight change is WEIGHTS_EVERY_S old; True when published."""
+        now = self.clock()
+        health_changed = weights_changed = material = False
+        current: dict[str, tuple[bytes, list[int]]] = {}
         for group in self.config.model_names:
             doc = self.assignment(group)
-            body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
-            path = envoy_routing.eds_path(self.eds_dir, group)
-            if self._written.get(str(path)) == body:
-                continue
-            self._version += 1
-            envelope = {
-                "version_info": str(self._version),
-                "resources": [
-                    {"@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"}
-                    | doc
-                ],
-            }
-            write_atomic(path, orjson.dumps(envelope))
-            self._written[str(path)] = body
-            written += 1
-        return written
+            endpoints = [ep for level in doc["endpoints"] for ep in level["lb_endpoints"]]
+            health = orjson.dumps([(e["health_status"], e["endpoint"]) for e in endpoints])
+            weights = [e["load_balancing_weight"] for e in endpoints]
+            current[group] = (health, weights)
+            before = self._published.get(group)
+            health_changed |= before is None or before[0] != health
+            if before is not None and before[1] != weights:
+                weights_changed = True
+                material |= any(
+                    not 0.5 < new / old < 2 for new, old in zip(weights, before[1], strict=False)
+                )
+        wait = MATERIAL_EVERY_S if material else WEIGHTS_EVERY_S
+        due = weights_changed and now - self._weights_at >= wait
+        if not (force or health_changed or due):
+            return False
+        if weights_changed:
+            self._weights_at = now
+        self._published = current
+        self.publish(self.clusters())
+        return True
 
     def states(self) -> dict[str, Any]:
         """Every deployment's state, for /health and metrics; no secrets. `until` is wall
@@ -209,8 +230,8 @@ class ControlPlane:
         return out
 
     def write_states(self, path: Path) -> None:
-        from llmux_extproc import metrics
-        from llmux_extproc.supervisor import write_atomic
+        from llmux_extproc.control.supervisor import write_atomic
+        from llmux_extproc.observability import metrics
 
         states = self.states()
         body = orjson.dumps(states, option=orjson.OPT_SORT_KEYS)
@@ -257,12 +278,14 @@ class ControlPlane:
         )
 
     async def run(self, states: Path) -> None:
-        """Keep EDS (and the `/health` states file) in step with outcomes, timed
-        transitions and DNS."""
+        """Keep Envoy's group clusters (and the `/health` states file) in step with
+        outcomes, timed transitions and DNS."""
         next_dns = time.monotonic() + DNS_REFRESH_S
         while True:
             wake = self.health.next_change()
             timeout = 1.0 if wake is None else max(0.0, min(1.0, wake - self.clock()))
+            # A weight change held back is published when it is due.
+            timeout = min(timeout, MATERIAL_EVERY_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), timeout)
             self.changed.clear()
@@ -270,7 +293,7 @@ class ControlPlane:
             if time.monotonic() >= next_dns:
                 next_dns = time.monotonic() + DNS_REFRESH_S
                 await self.resolve()
-            self.write()
+            self.update()
             self.write_states(states)
 
 
@@ -301,12 +324,17 @@ def outcome_from_entry(entry: Any) -> tuple[Outcome, str] | None:
     tag = common.custom_tags.get(HOST_TAG)
     if not tag:
         return None
+    status = entry.response.response_code.value if entry.response.HasField("response_code") else 0
+    flags = common.response_flags
+    if status == 0 and not flags.ListFields():
+        # Answered by the processor itself (mock, a bad request, a full bulkhead): the
+        # upstream log then has neither a status nor a failure flag. Nothing reached the
+        # deployment, so it says nothing about its health.
+        return None
     priority, _, dep_id = tag.partition("|")
     kind = "fallback" if priority not in ("", "0") else "first"
     if kind == "first" and common.upstream_request_attempt_count > 1:
         kind = "retry"
-    status = entry.response.response_code.value if entry.response.HasField("response_code") else 0
-    flags = common.response_flags
     if flags.upstream_request_timeout or flags.upstream_connection_failure:
         status = 0
     if flags.upstream_remote_reset or flags.upstream_connection_termination:

@@ -28,16 +28,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorServicer
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from llmux_extproc import metrics
-from llmux_extproc.context import Attempt, Caller, RequestContext
-from llmux_extproc.envoy_routing import (
+from llmux_extproc.control.envoy_routing import (
     CLIENT_KEY_HEADERS,
     MARKS_HEADER,
     REQUEST_NAMESPACE,
     RETRY_HEADER,
 )
-from llmux_extproc.errors import GatewayError
-from llmux_extproc.gateway import (
+from llmux_extproc.dataplane.context import Attempt, Caller, RequestContext
+from llmux_extproc.dataplane.gateway import (
     Exchange,
     Forward,
     Gateway,
@@ -47,6 +45,8 @@ from llmux_extproc.gateway import (
     StreamSession,
     attempt_headers,
 )
+from llmux_extproc.errors import GatewayError
+from llmux_extproc.observability import metrics
 
 log = logging.getLogger("llmux.extproc")
 

@@ -15,9 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llmux_extproc import envoy_routing
-from llmux_extproc.config import Config, Listen
-from llmux_extproc.envoy_routing import EXTPROC_CLUSTER, MARKS_HEADER, RETRY_HEADER
+from llmux_extproc.control import envoy_routing
+from llmux_extproc.control.config import Config, Listen
+from llmux_extproc.control.envoy_routing import EXTPROC_CLUSTER, MARKS_HEADER, RETRY_HEADER
 from llmux_extproc.errors import error_type
 
 METRICS_CLUSTER = "llmux_metrics"
@@ -87,12 +87,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
-def provider_clusters(
-    config: Config, paths: RuntimePaths, *, eds: bool = True
-) -> list[dict[str, Any]]:
-    """Group clusters; while running, their endpoints come from the supervisor's EDS files
-    (health and weights); `eds=False` inlines them (validation, `llmux envoy-config`)."""
-    return envoy_routing.provider_clusters(config, paths.sink_port, paths.root if eds else None)
+def provider_clusters(config: Config, paths: RuntimePaths) -> list[dict[str, Any]]:
+    """The group clusters as the config alone defines them (validation, `llmux
+    envoy-config`); while running, the supervisor's control plane publishes them with
+    resolved addresses, health and weights (controlplane.py)."""
+    return envoy_routing.provider_clusters(config, paths.sink_port)
 
 
 def cds_document(clusters: list[dict[str, Any]], version: str) -> dict[str, Any]:
@@ -425,7 +424,7 @@ def _local_reply_config() -> dict[str, Any]:
 def _response_lua_filter() -> dict[str, Any]:
     """response.lua: usage, cost headers and the dropped usage chunk for OpenAI-format
     answers the processor handed back to Envoy (see that file)."""
-    script = resources.files("llmux_extproc").joinpath("response.lua").read_text()
+    script = resources.files("llmux_extproc.dataplane").joinpath("response.lua").read_text()
     return {
         "name": "envoy.filters.http.lua",
         "typed_config": {
@@ -651,7 +650,7 @@ def bootstrap(
     }
     doc["layered_runtime"]["layers"].append({"name": "admin", "admin_layer": {}})  # drain key
     if static_clusters:
-        clusters.extend(provider_clusters(config, paths, eds=False))
+        clusters.extend(provider_clusters(config, paths))
     else:
         doc["dynamic_resources"] = {
             "cds_config": {

@@ -15,7 +15,7 @@ from importlib import resources
 
 import orjson
 
-from llmux_extproc.usage import Usage
+from llmux_extproc.accounting.usage import Usage
 
 _LIMIT_FIELDS = ("max_input_tokens", "max_output_tokens")
 

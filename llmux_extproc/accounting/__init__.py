@@ -1,0 +1,1 @@
+"""Tokens (offline tiktoken), prices and usage: what each answer cost."""

@@ -1,0 +1,2 @@
+"""The control plane: the config, Envoy's configuration generated from it, the supervisor
+(processes, reload, drain) and the endpoint health and weights it pushes to Envoy (EDS)."""
