@@ -49,6 +49,10 @@ async def too_long(request: web.Request, body: bytes) -> web.StreamResponse:
     )
 
 
+async def anthropic_overloaded(request: web.Request, body: bytes) -> web.StreamResponse:
+    return ma.anthropic_error(529, "overloaded_error", "Overloaded")
+
+
 async def bad_request(request: web.Request, body: bytes) -> web.StreamResponse:
     return openai_error(400, "temperature must be at most 2", "invalid_request_error")
 
@@ -92,6 +96,7 @@ class Env:
     good: MockUpstream
     small: MockUpstream
     refusing: MockUpstream
+    overloaded: MockUpstream
     anthropic: MockUpstream
     bedrock: mb.BedrockMock
 
@@ -109,6 +114,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             ("good", answering),
             ("small", too_long),
             ("refusing", bad_request),
+            ("overloaded", anthropic_overloaded),
             ("anthropic", ma.AnthropicMock()),
             ("bedrock", bedrock),
         )
@@ -122,6 +128,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             _compatible("small", "small", ups["small"]),
             _compatible("big", "big", ups["good"]),
             _compatible("picky", "picky", ups["refusing"]),
+            {
+                "model_name": "from-claude",
+                "litellm_params": {
+                    "model": "anthropic/claude-sonnet-4-5",
+                    "api_base": ups["overloaded"].base_url,
+                    "api_key": ma.API_KEY,
+                },
+                "model_info": {"id": "claude-overloaded"},
+            },
             {
                 "model_name": "claude",
                 "litellm_params": {
@@ -149,6 +164,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 {"to-claude": ["claude"]},
                 {"to-bedrock": ["bedrock-claude"]},
                 {"picky": ["big"]},
+                {"from-claude": ["big"]},
             ],
             "context_window_fallbacks": [{"small": ["big"]}],
         },
@@ -161,6 +177,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 good=ups["good"],
                 small=ups["small"],
                 refusing=ups["refusing"],
+                overloaded=ups["overloaded"],
                 anthropic=ups["anthropic"],
                 bedrock=bedrock,
             )
@@ -248,3 +265,22 @@ def test_a_client_error_is_not_retried_or_fallen_back(env: Env) -> None:
     assert "temperature must be at most 2" in str(err.value)
     assert len(env.refusing.requests) == picky_before + 1  # one attempt
     assert len(env.good.requests) == good_before  # no fallback for the client's own mistake
+
+
+def test_fallback_from_anthropic_to_openai_format_leaves_nothing_of_anthropic(env: Env) -> None:
+    raw = env.client().chat.completions.with_raw_response.create(
+        model="from-claude", messages=MESSAGES
+    )
+    assert raw.parse().choices[0].message.content == "good answer"
+    assert raw.headers["x-litellm-model-id"] == "big"
+    # The Anthropic attempts went to Anthropic's path with its key ...
+    tried = env.overloaded.requests
+    assert len(tried) == 2 and tried[-1].path == "/v1/messages"
+    assert tried[-1].headers["x-api-key"] == ma.API_KEY
+    # ... and the OpenAI-format attempt after them to its own path, with its own key and
+    # none of Anthropic's headers (they persist across Envoy's attempts unless removed).
+    got = env.good.last()
+    assert got.path == "/v1/chat/completions"
+    assert got.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert "x-api-key" not in got.headers and "anthropic-version" not in got.headers
+    assert got.json()["model"] == "big-model"

@@ -176,7 +176,10 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     removed = {m["remove"] for m in mutations["typed_config"]["mutations"]["request_mutations"]}
     assert {envoy_routing.RETRY_HEADER, envoy_routing.MARKS_HEADER} <= removed
     keys = hcm["http_filters"][names.index("envoy.filters.http.header_to_metadata")]
-    assert all(rule["remove"] for rule in keys["typed_config"]["request_rules"])
+    rules = {r["header"]: r for r in keys["typed_config"]["request_rules"]}
+    # Client keys leave the request (kept in metadata for every attempt); the path stays.
+    assert all(rules[h]["remove"] for h in envoy_routing.CLIENT_KEY_HEADERS)
+    assert not rules[":path"].get("remove")
     # ext_proc streams end with a half-close the processor answers, not a reset (which made
     # grpcio leak per request; see docs/benchmarks.md, Soak).
     layer = doc["layered_runtime"]["layers"][0]

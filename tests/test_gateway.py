@@ -187,3 +187,18 @@ def test_reload_swaps_state(gateway: Gateway) -> None:
     ctx = RequestContext(DEFAULT_CALLER, Attempt(1, None))
     gone = asyncio.run(gateway.on_body("/v1/chat/completions", body(model="gpt"), ctx))
     assert isinstance(gone, Immediate) and gone.status == 404
+
+
+def test_an_attempt_that_keeps_the_body_resets_its_length(gateway: Gateway) -> None:
+    # Headers persist across Envoy's retries, bodies do not: an attempt forwarding the
+    # client's body as is must not inherit the length a previous attempt's rewrite set.
+    from llmux_extproc.dataplane.extproc import forward
+
+    raw = body(model="same-name")
+    fwd = decide(gateway, raw)
+    assert isinstance(fwd, Forward) and fwd.upstream.body is None
+    headers = {
+        h.header.key: h.header.raw_value.decode()
+        for h in forward(fwd).request_body.response.header_mutation.set_headers
+    }
+    assert headers["content-length"] == str(len(raw))

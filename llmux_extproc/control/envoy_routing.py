@@ -606,6 +606,14 @@ def request_metadata_filters() -> list[dict[str, Any]]:
         }
         for name in CLIENT_KEY_HEADERS
     ]
+    # The client's path: an attempt rewrites :path for its provider, and the next attempt
+    # sees that rewrite in the shared headers.
+    key_rules.append(
+        {
+            "header": ":path",
+            "on_header_present": {"metadata_namespace": REQUEST_NAMESPACE, "key": "path"},
+        }
+    )
 
     def rule(key: str, kind: str) -> dict[str, Any]:
         return {

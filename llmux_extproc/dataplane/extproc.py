@@ -127,6 +127,10 @@ def forward(fwd: Forward) -> pb.ProcessingResponse:
     if up.body is not None:
         headers["content-length"] = str(len(up.body))
         body_mutation = pb.BodyMutation(body=up.body)
+    else:
+        # Envoy re-sends the client's body on a retry, but the headers keep what the last
+        # attempt set: a length it set for a rewritten body must not outlive it.
+        headers["content-length"] = str(len(fwd.exchange.req.raw))
     remove = [h for h in fwd.remove_headers if h not in headers]
     response = pb.ProcessingResponse(
         request_body=pb.BodyResponse(
@@ -135,7 +139,6 @@ def forward(fwd: Forward) -> pb.ProcessingResponse:
                     set_headers=_set_headers(headers), remove_headers=remove
                 ),
                 body_mutation=body_mutation,
-                clear_route_cache=True,
             )
         )
     )
@@ -164,12 +167,15 @@ def host_deployment(msg: pb.ProcessingRequest) -> tuple[int, str] | None:
     return int(priority), dep_id
 
 
-def client_keys(msg: pb.ProcessingRequest) -> dict[str, str]:
-    """The client's key headers, which Envoy moved into metadata before routing."""
+def client_request(msg: pb.ProcessingRequest) -> tuple[dict[str, str], str | None]:
+    """The client's key headers and path, which Envoy copied into metadata before routing
+    (the keys removed from the request; the path survives no attempt's rewrite)."""
     ns = msg.metadata_context.filter_metadata.get(REQUEST_NAMESPACE)
     if ns is None:
-        return {}
-    return {k: ns.fields[k].string_value for k in CLIENT_KEY_HEADERS if k in ns.fields}
+        return {}, None
+    fields = ns.fields
+    keys = {k: fields[k].string_value for k in CLIENT_KEY_HEADERS if k in fields}
+    return keys, fields["path"].string_value if "path" in fields else None
 
 
 class Processor(ExternalProcessorServicer):  # type: ignore[misc]
@@ -259,8 +265,11 @@ class _HttpStream:
     async def _request_headers(self, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
         headers = msg.request_headers
         self.headers.update(_header_map(headers.headers.headers))
+        keys, path = client_request(msg)
+        if path is not None:
+            self.headers[":path"] = path
         path = self.headers.get(":path", "")
-        answer = self.gateway.on_headers(self.headers.get(":method", ""), path, client_keys(msg))
+        answer = self.gateway.on_headers(self.headers.get(":method", ""), path, keys)
         if isinstance(answer, Immediate):
             return immediate(answer)
         self.ctx = self._context(answer, host_deployment(msg))
