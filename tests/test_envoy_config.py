@@ -164,10 +164,11 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     names = [f["name"] for f in hcm["http_filters"]]
     # No downstream processor: the processor runs per attempt on the group clusters.
     assert "envoy.filters.http.ext_proc" not in names
-    assert names[-6:] == [
+    assert names[-7:] == [
         "envoy.filters.http.header_mutation",
         "envoy.filters.http.header_to_metadata",
         "envoy.filters.http.json_to_metadata",
+        envoy_routing.PROMPT_FILTER,
         "envoy.filters.http.lua",
         "envoy.filters.http.sse_to_metadata",
         "envoy.filters.http.router",
@@ -187,8 +188,11 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     assert hcm["rds"]["route_config_name"] == envoy_routing.ROUTE_CONFIG
     (route_config,) = envoy_config.rds_document(config, "1")["resources"]
     routes = route_config["virtual_hosts"][0]["routes"]
-    # Per group: the streamed route (idle timeout) first, then the whole-answer one.
+    # Per group: the streamed route (idle timeout; the prompt kept) first, then the
+    # whole-answer one, which pays for no Lua on its way in.
     assert routes[0]["route"]["idle_timeout"] == "60.000s"
+    assert envoy_routing.PROMPT_FILTER in routes[0]["typed_per_filter_config"]
+    assert "typed_per_filter_config" not in routes[1]
     assert routes[0]["route"]["cluster"] == routes[1]["route"]["cluster"]
     assert routes[-1]["direct_response"]["status"] == 404
 

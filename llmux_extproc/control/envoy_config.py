@@ -434,6 +434,21 @@ def _response_lua_filter() -> dict[str, Any]:
     }
 
 
+def _prompt_lua_filter() -> dict[str, Any]:
+    """prompt.lua, named: it runs only on the stream routes, which name it (envoy_routing);
+    the virtual host turns it off everywhere else. Decided per route when the filter runs,
+    i.e. after json_to_metadata read the body (a filter disabled in the chain itself would
+    be decided on the headers alone, before the stream flag is known)."""
+    script = resources.files("llmux_extproc.dataplane").joinpath("prompt.lua").read_text()
+    return {
+        "name": envoy_routing.PROMPT_FILTER,
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.lua.v3.Lua",
+            "source_codes": {"prompt": {"inline_string": script}},
+        },
+    }
+
+
 def _stream_usage_filter() -> dict[str, Any]:
     """Envoy reads `usage` from OpenAI-format SSE itself, so streams passed through untouched
     need no Python per chunk; the last `usage` seen wins (earlier chunks carry null)."""
@@ -580,6 +595,7 @@ def bootstrap(
             *envoy_routing.request_metadata_filters(),
             # Response order is the reverse: a stream's usage is read (sse_to_metadata)
             # before it is dropped (lua).
+            _prompt_lua_filter(),
             _response_lua_filter(),
             _stream_usage_filter(),
             {

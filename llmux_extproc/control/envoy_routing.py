@@ -40,6 +40,7 @@ RETRY_HEADER = "x-llmux-retry"
 # The processor's accounting marks for response.lua, on the answer's headers (metadata it
 # writes as an upstream filter stays on the attempt's own stream info).
 MARKS_HEADER = "x-llmux-marks"
+PROMPT_FILTER = "llmux.prompt"  # prompt.lua's Lua filter, enabled on stream routes
 API_PATHS = ("/v1/chat/completions", "/chat/completions", "/v1/embeddings", "/embeddings")
 MODEL_LIST_PATHS = ("/v1/models", "/models")
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -542,6 +543,13 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
                 # A streamed answer may run long, but must not stall: bounded by idle time.
                 "match": {**post_api, "dynamic_metadata": [_model_is(group), _IS_STREAM]},
                 "route": stream_action,
+                # Keeps the prompt for counting a stream cut short (prompt.lua).
+                "typed_per_filter_config": {
+                    PROMPT_FILTER: {
+                        _TYPE: _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+                        "name": "prompt",
+                    }
+                },
             }
         )
         table.append(
@@ -589,6 +597,13 @@ def route_configuration(config: Config, extra: Iterable[dict[str, Any]] = ()) ->
                 "routes": routes(config, extra),
                 # The processor reads the attempt number (x-litellm-attempted-retries).
                 "include_request_attempt_count": True,
+                # prompt.lua runs only where a route names it (the stream routes).
+                "typed_per_filter_config": {
+                    PROMPT_FILTER: {
+                        _TYPE: _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+                        "disabled": True,
+                    }
+                },
             }
         ],
     }

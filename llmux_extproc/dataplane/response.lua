@@ -217,16 +217,6 @@ local function take_marks(handle)
   return marks
 end
 
--- A streamed request's body is kept for the access log: if its stream is passed through
--- and ends without the provider's usage, the prompt is counted from it with tiktoken.
-function envoy_on_request(handle)
-  local request = handle:streamInfo():dynamicMetadata():get("llmux.request")
-  if request == nil or request["stream"] ~= true then return end
-  local body = handle:body()
-  if body == nil then return end
-  handle:streamInfo():dynamicMetadata():set(STREAM_NS, "prompt", body:getBytes(0, body:length()))
-end
-
 function envoy_on_response(handle)
   local marks = take_marks(handle)
   if marks == nil then return end
