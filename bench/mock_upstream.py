@@ -289,7 +289,8 @@ BARE_ROUTES = {
 
 # The floor of the failover scenario: Envoy alone retrying a 5xx once on the other
 # endpoint, as LLMux's group route does with `num_retries: 1` (same host predicate, same
-# jittered back-off before the retry; the cluster's load balancer is round robin in both).
+# jittered back-off before the retry). Its load balancer is round robin; LLMux's groups use
+# weighted least request (envoy_routing), which favours a deployment that fails fast.
 BARE_FAILOVER_RETRY = {
     "retry_on": "5xx",
     "num_retries": 1,

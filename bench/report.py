@@ -554,10 +554,9 @@ def failover_summary(res: Results) -> str:
     if worst_case is not None and worst_case > 0.6:
         text += (
             " Without cooldowns and breaker more requests start on the failing deployment "
-            "than the half a random pick would send there: Envoy's round robin over two "
-            "endpoints gives the retry the healthy pick, so the next request on that Envoy "
-            "worker thread starts on the failing one again (a lone client on one connection "
-            "meets it every time)."
+            "than the half a random pick would send there: LLMux balances by least request, "
+            "and a deployment that fails at once is the least busy one (bare Envoy here uses "
+            "round robin); the cooldowns exist for exactly this."
         )
     defaults = next((failing_of[t] for t in targets if t.endswith("-defaults")), None)
     if defaults is not None and worst_case is not None and defaults < worst_case / 4:
