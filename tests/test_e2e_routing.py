@@ -323,3 +323,48 @@ def test_simple_shuffle_weights_by_rpm(tmp_path: Path) -> None:
     with running_gateway(config, tmp_path) as gw:
         answered = ask(gw, 300)
         assert 0.8 < answered["a"] / 300 < 0.97, answered
+
+
+def test_ext_proc_messages_per_request_stay_as_before(tmp_path: Path) -> None:
+    """The redesign's budget: an OpenAI-format answer on its first attempt costs 3 ext_proc
+    messages (request headers, request body, response headers), a translated one 4."""
+    from tests import mock_anthropic as ma
+
+    openai_up = MockUpstream(answer_after(0)).start()
+    anthropic_up = MockUpstream(ma.AnthropicMock()).start()
+    config = {
+        "model_list": [
+            deployment("plain", openai_up, "m"),
+            {
+                "model_name": "claude",
+                "litellm_params": {
+                    "model": "anthropic/claude-sonnet-4-5",
+                    "api_base": anthropic_up.base_url,
+                    "api_key": ma.API_KEY,
+                },
+            },
+        ]
+    }
+    try:
+        with running_gateway(config, tmp_path) as gw:
+            c = client(gw)
+
+            def sent() -> dict[str, int]:
+                stats = httpx.get(f"http://127.0.0.1:{gw.admin_port}/stats", timeout=5).text
+                out = {}
+                for line in stats.splitlines():
+                    name, _, value = line.partition(": ")
+                    if name.endswith(".ext_proc.stream_msgs_sent"):
+                        out[name] = int(value)
+                return out
+
+            for model, expected in (("m", 3), ("claude", 4)):
+                before = sent()
+                for _ in range(5):
+                    c.chat.completions.create(model=model, messages=MESSAGES)
+                after = sent()
+                delta = sum(after.values()) - sum(before.values())
+                assert delta == 5 * expected, (model, delta)
+    finally:
+        openai_up.stop()
+        anthropic_up.stop()
