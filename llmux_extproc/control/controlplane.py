@@ -263,7 +263,7 @@ class ControlPlane:
         hosts = {
             d.upstream.host
             for d in self.config.deployments
-            if d.upstream and not _is_ip(d.upstream.host)
+            if d.upstream and not envoy_routing.is_ip(d.upstream.host)
         }
         changed = False
         for host in sorted(hosts):
@@ -286,7 +286,9 @@ class ControlPlane:
             {
                 d.upstream.host
                 for d in self.config.deployments
-                if d.upstream and not _is_ip(d.upstream.host) and d.upstream.host != "localhost"
+                if d.upstream
+                and not envoy_routing.is_ip(d.upstream.host)
+                and d.upstream.host != "localhost"
             }
             - set(self.addresses)
         )
@@ -325,14 +327,6 @@ def _breaker_settings(config: Config) -> BreakerSettings:
         open_s=b.get("open_s", defaults.open_s),
         half_open_probes=int(b.get("half_open_probes", defaults.half_open_probes)),
     )
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except OSError:
-        return host == "localhost"
-    return True
 
 
 def outcome_from_entry(entry: Any) -> tuple[Outcome, str] | None:

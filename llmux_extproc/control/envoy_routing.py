@@ -16,6 +16,7 @@ connects to the chosen endpoint while the processor runs, so the endpoint must a
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -61,10 +62,6 @@ def group_cluster_name(group: str) -> str:
 def priorities(config: Config, group: str) -> list[list[Deployment]]:
     """The deployments a group's cluster holds, per priority: its own, then each fallback
     group's (a deployment appears once, at its first priority)."""
-    return _priorities(config, group)
-
-
-def _priorities(config: Config, group: str) -> list[list[Deployment]]:
     seen: set[str] = set()
     levels: list[list[Deployment]] = []
     for name in (group, *(g for _, g in config.router.fallback_groups(group))):
@@ -134,7 +131,7 @@ def load_assignment(
 ) -> dict[str, Any]:
     """The group cluster's endpoints, with the control plane's health and weights."""
     levels = []
-    for p, level in enumerate(_priorities(config, group)):
+    for p, level in enumerate(priorities(config, group)):
         w = {**initial_weights(level), **(weights or {})}
         levels.append(
             {
@@ -222,6 +219,20 @@ def upstream_extproc_filter(config: Config) -> dict[str, Any]:
     }
 
 
+def upstream_filters(config: Config) -> list[dict[str, Any]]:
+    """The filters every attempt runs through: the processor, then the codec (last, as
+    Envoy requires of upstream filter chains)."""
+    return [
+        upstream_extproc_filter(config),
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {
+                _TYPE: _T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+            },
+        },
+    ]
+
+
 def group_cluster(
     config: Config, group: str, sink_port: int, assignment: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -236,12 +247,12 @@ def group_cluster(
     at most every few seconds."""
     s = config.settings
     name = group_cluster_name(group)
-    levels = _priorities(config, group)
+    levels = priorities(config, group)
     deployments = [d for level in levels for d in level]
     if assignment is None:
         assignment = load_assignment(config, group, sink_port)
     hostnames = any(
-        not _is_ip(ep["endpoint"]["address"]["socket_address"]["address"])
+        not is_ip(ep["endpoint"]["address"]["socket_address"]["address"])
         for level in assignment["endpoints"]
         for ep in level["lb_endpoints"]
     )
@@ -323,15 +334,7 @@ def group_cluster(
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             _TYPE: _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             **protocol,
-            "http_filters": [
-                upstream_extproc_filter(config),
-                {
-                    "name": "envoy.filters.http.upstream_codec",
-                    "typed_config": {
-                        _TYPE: _T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
-                    },
-                },
-            ],
+            "http_filters": upstream_filters(config),
         }
     }
     return cluster
@@ -372,16 +375,7 @@ def local_cluster(config: Config, sink_port: int) -> dict[str, Any]:
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 _TYPE: _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 "explicit_http_config": {"http_protocol_options": {}},
-                "http_filters": [
-                    upstream_extproc_filter(config),
-                    {
-                        "name": "envoy.filters.http.upstream_codec",
-                        "typed_config": {
-                            _TYPE: _T
-                            + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
-                        },
-                    },
-                ],
+                "http_filters": upstream_filters(config),
             }
         },
     }
@@ -443,8 +437,12 @@ def provider_clusters(
     ]
 
 
-def _is_ip(host: str) -> bool:
-    return host.replace(".", "").isdigit() or ":" in host
+def is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
 
 
 def attempts_per_group(router: RouterSettings) -> int:
@@ -456,7 +454,7 @@ def retry_policy(config: Config, group: str) -> dict[str, Any]:
     deployments), then as many attempts on each fallback group in order."""
     router = config.router
     per_group = attempts_per_group(router)
-    levels = len(_priorities(config, group))
+    levels = len(priorities(config, group))
     policy: dict[str, Any] = {
         # Answers are judged by the processor (RETRY_HEADER); Envoy adds what never reaches
         # it: resets, refused connections, per-try timeouts, Envoy's own 502-504.
