@@ -120,6 +120,7 @@ class ControlPlane:
         self._weighs = self._observe is not None or self._observe_request is not None
         self._attempts: dict[tuple[str, str], Any] = {}
         self._transition = False
+        self._limits = {d.id: (d.rpm, d.tpm) for d in config.deployments}
         self.infos = {name: deployment_infos(config, name) for name in config.model_names}
         self.groups_of: dict[str, list[str]] = {}
         for name in config.model_names:
@@ -150,10 +151,26 @@ class ControlPlane:
             self._observe(outcome)
         if self._observe_request is not None:
             self._observe_request(outcome.deployment)
-        if lines:
+        # A full deployment (usage-based routing's rpm/tpm) is taken out at once, as a
+        # health transition is; averages that only move wait for the next look.
+        if lines or self._at_limit(dep):
             self._transition = True
-        if lines or self._weighs:
+        if self._transition or self._weighs:
             self.changed.set()
+
+    def observed_tokens(self, dep: str) -> None:
+        if self._at_limit(dep):
+            self._transition = True
+        self.changed.set()
+
+    def _at_limit(self, dep: str) -> bool:
+        """usage-based routing: the deployment just reached its rpm or tpm this minute."""
+        rpm, tpm = self._limits.get(dep, (None, None))
+        usage = getattr(self.strategy, "usage", None)
+        if usage is None or (rpm is None and tpm is None):
+            return False
+        requests, tokens = usage(dep)
+        return bool((rpm and requests >= rpm) or (tpm and tokens >= tpm))
 
     def tick(self) -> None:
         before = {d: self.health.state(d).status for d in self.groups_of}
@@ -388,7 +405,7 @@ class TokenReports(asyncio.DatagramProtocol):
         observe = getattr(self.control.strategy, "observe_tokens", None)
         if observe is not None and dep in self.control.groups_of and tokens.isdigit():
             observe(dep, int(tokens))
-            self.control.changed.set()
+            self.control.observed_tokens(dep)
 
 
 def _datagram_socket(path: Path) -> socket.socket:
