@@ -89,7 +89,7 @@ class ControlPlane:
         self.publish = publish
         self.clock = clock
         self.addresses: dict[str, list[str]] = {}
-        self._written: dict[str, bytes] = {}
+        self._states_written: bytes | None = None
         self._published: dict[str, tuple[bytes, list[int]]] = {}  # group: (health, weights)
         self._weights_at = -WEIGHTS_EVERY_S
         self.changed = asyncio.Event()
@@ -131,8 +131,9 @@ class ControlPlane:
 
     def record(self, outcome: Outcome, kind: str = "first") -> None:
         """One attempt's outcome. Only a transition (or a strategy that weighs outcomes)
-        wakes the publishing loop: this runs for every attempt of every request, ~20 us
-        here against ~250 us when every batch recomputed the clusters (measured)."""
+        wakes the publishing loop: this runs for every attempt of every request, and when
+        every upstream-log batch recomputed the clusters the supervisor cost 245 us per
+        request at 200 req/s, 145 us after (/proc ticks over 2,000 requests)."""
         dep = outcome.deployment
         if dep not in self.groups_of:
             return  # a deployment removed by a reload since
@@ -266,24 +267,26 @@ class ControlPlane:
 
         states = self.states()
         body = orjson.dumps(states, option=orjson.OPT_SORT_KEYS)
-        if self._written.get(str(path)) == body:
+        if self._states_written == body:
             return
         write_atomic(path, body)
-        self._written[str(path)] = body
+        self._states_written = body
         for dep_id, st in states.items():
             value = STATE_VALUES[st["state"]]
             metrics.DEPLOYMENT_STATE.labels(dep_id, st["model_name"]).set(value)
 
-    async def resolve(self) -> bool:
-        """Resolve provider names; True when an address changed."""
-        loop = asyncio.get_running_loop()
-        hosts = {
+    def _names(self) -> set[str]:
+        """Provider hosts given by name (resolved here; IPs need nothing)."""
+        return {
             d.upstream.host
             for d in self.config.deployments
             if d.upstream and not envoy_routing.is_ip(d.upstream.host)
         }
-        changed = False
-        for host in sorted(hosts):
+
+    async def resolve(self) -> None:
+        """Resolve provider names; a changed address reaches Envoy with the next update()."""
+        loop = asyncio.get_running_loop()
+        for host in sorted(self._names()):
             try:
                 infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
             except OSError as exc:
@@ -293,22 +296,11 @@ class ControlPlane:
             v4 = [str(i[4][0]) for i in infos if i[0] == socket.AF_INET]
             v6 = [str(i[4][0]) for i in infos if i[0] == socket.AF_INET6]
             found = list(dict.fromkeys(v4 + v6))
-            if found and found != self.addresses.get(host):
+            if found:
                 self.addresses[host] = found
-                changed = True
-        return changed
 
     def unresolved(self) -> list[str]:
-        return sorted(
-            {
-                d.upstream.host
-                for d in self.config.deployments
-                if d.upstream
-                and not envoy_routing.is_ip(d.upstream.host)
-                and d.upstream.host != "localhost"
-            }
-            - set(self.addresses)
-        )
+        return sorted(self._names() - set(self.addresses))
 
     async def run(self, states: Path) -> None:
         """Keep Envoy's group clusters (and the `/health` states file) in step with

@@ -102,7 +102,7 @@ def cds_document(clusters: list[dict[str, Any]], version: str) -> dict[str, Any]
 
 
 def rds_document(config: Config, version: str) -> dict[str, Any]:
-    route = envoy_routing.route_configuration(config, _extra_routes(config))
+    route = envoy_routing.route_configuration(config, _extra_routes())
     return {
         "version_info": version,
         "resources": [{_TYPE: _T + "envoy.config.route.v3.RouteConfiguration", **route}],
@@ -333,7 +333,7 @@ def _metrics_cluster(config: Config) -> dict[str, Any]:
 _INTERNAL_HEADERS = (RETRY_HEADER, MARKS_HEADER, "x-llmux-cluster", "x-llmux-stream")
 
 
-def _extra_routes(config: Config) -> list[dict[str, Any]]:
+def _extra_routes() -> list[dict[str, Any]]:
     """Routes the processor never sees: health and metrics."""
     json_ct = [{"header": {"key": "content-type", "value": "application/json"}}]
     table: list[dict[str, Any]] = [
@@ -609,7 +609,7 @@ def bootstrap(
         ],
     }
     if static_clusters:
-        hcm["route_config"] = envoy_routing.route_configuration(config, _extra_routes(config))
+        hcm["route_config"] = envoy_routing.route_configuration(config, _extra_routes())
     else:
         hcm["rds"] = {
             "route_config_name": envoy_routing.ROUTE_CONFIG,

@@ -1,7 +1,7 @@
 """Per-deployment health: LiteLLM's cooldowns and the seed's circuit breaker.
 
 Everything here is driven by `Outcome`s (one per upstream attempt) and a clock; nothing does
-I/O. The caller turns `DeploymentHealth.routable()` into EDS `health_status` and calls
+I/O. The caller turns `DeploymentHealth.routable()` into the endpoints' `health_status` and calls
 `tick()` at `next_change()` so timed transitions (cooldown end, open -> half-open) happen.
 
 Cooldown follows LiteLLM's router (litellm/router_utils/cooldown_handlers.py, constants in

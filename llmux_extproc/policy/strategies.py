@@ -1,4 +1,4 @@
-"""LiteLLM's routing strategies, expressed as EDS load-balancing weights.
+"""LiteLLM's routing strategies, expressed as endpoint load-balancing weights.
 
 LiteLLM picks one deployment per request. Here Envoy picks, by weighted round robin over the
 endpoints the supervisor pushes, so each strategy answers "what weight should each deployment
@@ -40,7 +40,7 @@ class Strategy(Protocol):
     def weights(
         self, deployments: Sequence[DeploymentInfo], routable: Mapping[str, bool]
     ) -> dict[str, int]:
-        """EDS load_balancing_weight per deployment id; 0 means "not routable now"."""
+        """Envoy load_balancing_weight per deployment id; 0 means "not routable now"."""
         ...
 
 
