@@ -274,46 +274,77 @@ def _control_cluster(paths: RuntimePaths) -> dict[str, Any]:
     }
 
 
-def _upstream_log() -> list[dict[str, Any]]:
+# What LiteLLM's cooldown counts against a deployment (policy.health.counts_as_failure), or
+# any response flag (reset, connect failure, timeout). The processor's own replies have
+# neither a status nor a flag and match neither expression: they never reached a deployment.
+_FAILED = "response.flags != 0u || response.code >= 500 || response.code in [401, 404, 408, 429]"
+_SUCCEEDED = f"response.code > 0 && !({_FAILED})"
+
+
+def _upstream_log(config: Config) -> list[dict[str, Any]]:
     """Every attempt's outcome for the supervisor's policies (cooldowns, breaker, latency):
-    batched over gRPC, with the deployment id from the chosen endpoint's metadata."""
-    return [
-        {
-            "name": "envoy.access_loggers.http_grpc",
-            "typed_config": {
-                _TYPE: _T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
-                "common_config": {
-                    "log_name": UPSTREAM_LOG_NAME,
-                    "grpc_service": {"envoy_grpc": {"cluster_name": CONTROL_CLUSTER}},
-                    "transport_api_version": "V3",
-                    "buffer_flush_interval": "0.05s",
-                    "custom_tags": [
-                        {
-                            "tag": "llmux_host",
-                            "metadata": {
-                                "kind": {"host": {}},
-                                "metadata_key": {
-                                    "key": envoy_routing.HOST_NAMESPACE,
-                                    "path": [{"key": "d"}],
-                                },
-                            },
-                        },
-                        {
-                            "tag": "llmux_stream",
-                            "metadata": {
-                                "kind": {"request": {}},
-                                "metadata_key": {
-                                    "key": envoy_routing.REQUEST_NAMESPACE,
-                                    "path": [{"key": "stream"}],
-                                },
-                            },
-                        },
-                    ],
+    batched over gRPC, with the deployment id from the chosen endpoint's metadata.
+
+    Two loggers: failures leave within 50 ms (a cooldown must start before the next few
+    requests arrive), successes once a second, in batches ~20 times larger. Reading the
+    log cost the supervisor 137 us per request at 200 req/s with one 50 ms logger (/proc
+    ticks over 3,000 requests), mostly per-message gRPC work on batches of ten. Successes
+    only feed averages and windows that move once a second anyway, except usage-based
+    routing's request count, which a full deployment must see at once.
+    """
+    usage_based = config.router.routing_strategy.startswith("usage-based")
+    every = {
+        "failures": ("0.05s", _FAILED),
+        "successes": ("0.05s" if usage_based else "1s", _SUCCEEDED),
+    }
+    return [_attempt_logger(interval, expression) for interval, expression in every.values()]
+
+
+def _attempt_logger(flush_interval: str, expression: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {
+            "extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    _TYPE: _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                    "expression": expression,
                 },
-                "additional_response_headers_to_log": ["retry-after"],
+            }
+        },
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": UPSTREAM_LOG_NAME,
+                "grpc_service": {"envoy_grpc": {"cluster_name": CONTROL_CLUSTER}},
+                "transport_api_version": "V3",
+                "buffer_flush_interval": flush_interval,
+                "custom_tags": [
+                    {
+                        "tag": "llmux_host",
+                        "metadata": {
+                            "kind": {"host": {}},
+                            "metadata_key": {
+                                "key": envoy_routing.HOST_NAMESPACE,
+                                "path": [{"key": "d"}],
+                            },
+                        },
+                    },
+                    {
+                        "tag": "llmux_stream",
+                        "metadata": {
+                            "kind": {"request": {}},
+                            "metadata_key": {
+                                "key": envoy_routing.REQUEST_NAMESPACE,
+                                "path": [{"key": "stream"}],
+                            },
+                        },
+                    },
+                ],
             },
-        }
-    ]
+            "additional_response_headers_to_log": ["retry-after"],
+        },
+    }
 
 
 def _metrics_cluster(config: Config) -> dict[str, Any]:
@@ -603,7 +634,7 @@ def bootstrap(
                 "typed_config": {
                     _TYPE: _T + "envoy.extensions.filters.http.router.v3.Router",
                     "suppress_envoy_headers": False,
-                    "upstream_log": _upstream_log(),
+                    "upstream_log": _upstream_log(config),
                 },
             },
         ],
