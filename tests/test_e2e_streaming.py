@@ -103,6 +103,8 @@ class OpenAIStreamer:
                 },
                 429,
             )
+        if prompt == "late start":
+            await asyncio.sleep(1.2)  # past the deployment's timeout, within the idle one
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         if prompt.endswith("tools then die"):
@@ -122,7 +124,7 @@ class OpenAIStreamer:
             await resp.write_eof()
             return resp
         await resp.write(chunk({"role": "assistant", "content": ""}))
-        delay = {"slow and long": 0.2, "long": 0.001}.get(prompt, 0.02)
+        delay = {"slow and long": 0.2, "long": 0.001, "healthy and slow": 0.25}.get(prompt, 0.02)
         try:
             for i, word in enumerate(WORDS * (20 if prompt in ("slow and long", "long") else 1)):
                 if prompt == "die midway" and i == 3:
@@ -210,6 +212,15 @@ def gateway(
             },
             {"model_name": "mock", "litellm_params": {"model": "mock/gpt-4o-mini"}},
             _cut_model(openai_up),
+            {
+                "model_name": "gpt-timed",
+                "litellm_params": {
+                    "model": "openai/gpt-4o",
+                    "api_base": f"{openai_up.base_url}/v1",
+                    "api_key": "k",
+                    "timeout": 0.5,
+                },
+            },
         ],
         "llmux": {"stream_idle_timeout": 1.5, "workers": 2},
     }
@@ -370,6 +381,31 @@ def test_stalled_upstream_is_cut_by_the_idle_timeout(client: openai.OpenAI) -> N
             )
         )
     assert time.monotonic() - started < 10  # stream_idle_timeout is 1.5 s; the stall is 30 s
+
+
+def test_deployment_timeout_bounds_the_start_of_a_stream_not_its_life(
+    client: openai.OpenAI,
+) -> None:
+    # timeout: 0.5. A stream answering at once and running 1.5 s (a chunk every 0.25 s) lives.
+    started = time.monotonic()
+    text, _ = collect(
+        client.chat.completions.create(
+            model="gpt-timed",
+            messages=[{"role": "user", "content": "healthy and slow"}],
+            stream=True,
+        )
+    )
+    assert text == "".join(WORDS) and time.monotonic() - started > 1.0
+    # One whose first byte comes after 1.2 s (stream_idle_timeout is 1.5 s) is cut by the
+    # deployment's timeout: an OpenAI 504 before the stream.
+    with pytest.raises(openai.APIStatusError) as info:
+        collect(
+            client.chat.completions.create(
+                model="gpt-timed", messages=[{"role": "user", "content": "late start"}], stream=True
+            )
+        )
+    assert info.value.status_code == 504
+    assert isinstance(info.value.body, dict) and info.value.body.get("type") == "timeout_error"
 
 
 @pytest.fixture(scope="module")
