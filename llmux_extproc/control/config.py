@@ -565,11 +565,14 @@ def _non_negative(value: Any, where: str) -> float:
 
 
 def _parse_upstream(api_base: str, where: str) -> Upstream:
-    parts = urlsplit(api_base)
+    try:
+        parts = urlsplit(api_base)
+    except ValueError as exc:  # a bracketed host that is no IPv6 address
+        raise ConfigError(f"{where}: expected an http(s) URL, got {api_base!r}: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: expected an http(s) URL, got {api_base!r}")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
         raise ConfigError(f"{where}: bad port in {api_base!r}") from exc
     if port == 0:
