@@ -16,6 +16,7 @@ from typing import Any
 import openai
 import pytest
 import yaml
+from openai.types.chat import ChatCompletion
 
 from tests.harness import (
     Gateway,
@@ -42,10 +43,11 @@ def client(gw: Gateway) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.openai_base, api_key="anything", max_retries=0)
 
 
-def hello(gw: Gateway, model: str, **extra: Any) -> openai.types.chat.ChatCompletion:
-    return client(gw).chat.completions.create(
+def hello(gw: Gateway, model: str, **extra: Any) -> ChatCompletion:
+    reply: ChatCompletion = client(gw).chat.completions.create(
         model=model, messages=[{"role": "user", "content": "hello"}], **extra
     )
+    return reply
 
 
 def bedrock(name: str, model: str, **params: Any) -> dict[str, Any]:

@@ -31,7 +31,8 @@ log = logging.getLogger("llmux.worker")
 
 
 class Reloader:
-    """Re-reads the config file; a broken file keeps the old config and says why."""
+    """Re-reads the config file (under `llmux run`, the snapshot of what the supervisor
+    validated, on its SIGHUP); a broken file keeps the old config and says why."""
 
     def __init__(self, path: str | None, gateway: Gateway) -> None:
         self.path = path

@@ -6,6 +6,11 @@ from LiteLLM behaves the same: system prompts go top-level, tool results become
 `json_tool_call` whose input becomes the answer's text, and `reasoning_effort` turns on
 extended thinking. Thinking blocks come back as `reasoning_content` plus `thinking_blocks`,
 which a client sends back on the assistant message to continue a thinking conversation.
+
+Refused with a 400 (or fixed up with `drop_params`), where LiteLLM forwards and the provider
+refuses: `temperature` together with `top_p` on Claude Opus 4.1 and every Claude from 4.5 on
+(`drops_top_p`; Bedrock's Converse translation applies the same rule). With drop_params,
+`temperature` is kept and `top_p` left out.
 """
 
 from __future__ import annotations
