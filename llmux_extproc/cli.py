@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from llmux_extproc.control.config import ConfigError, load_config
+from llmux_extproc.control.config import Config, ConfigError, load_config
 
 
 def _setup_logging() -> None:
@@ -52,6 +52,24 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
+def _envoy_verdict(config: Config) -> str | None:
+    """What the Envoy LLMux ships says of the configuration generated from `config` (the
+    bootstrap with the group clusters inline, as `llmux envoy-config` prints it): a check
+    of LLMux's own cannot know every rule of Envoy's."""
+    import tempfile
+
+    from llmux_extproc.control.envoy_binary import EnvoyNotFound, envoy_rejects
+    from llmux_extproc.control.envoy_config import RuntimePaths, bootstrap
+
+    with tempfile.TemporaryDirectory(prefix="llmux-check-") as tmp:
+        doc = bootstrap(config, RuntimePaths(Path(tmp)), static_clusters=True)
+        try:
+            return envoy_rejects(doc, Path(tmp))
+        except EnvoyNotFound as exc:
+            print(f"warning: not checked against Envoy: {exc}")
+            return None
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from llmux_extproc.control.supervisor import run
@@ -61,6 +79,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         for warning in config.warnings:
             print(f"warning: {warning}")
+        rejected = _envoy_verdict(config)
+        if rejected:
+            print(f"llmux: invalid config: Envoy rejects it: {rejected}", file=sys.stderr)
+            return 2
         print(f"ok: {len(config.deployments)} deployments, models: {', '.join(config.model_names)}")
         return 0
     if args.command == "envoy-config":

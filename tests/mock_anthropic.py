@@ -96,8 +96,29 @@ def request_errors(body: Any) -> list[str]:
     return _semantic_errors(body)
 
 
+# Models that refuse `temperature` with `top_p` (Anthropic's message, as its API sends it);
+# a list of ids, not LLMux's version rule, so the mock can disagree with it.
+REFUSES_TEMPERATURE_WITH_TOP_P = (
+    "claude-opus-4-1",
+    "claude-sonnet-4-5",
+    "claude-haiku-4-5",
+    "claude-opus-4-5",
+    "claude-sonnet-4-6",
+    "claude-opus-4-6",
+)
+BOTH_SAMPLING = (
+    "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
+)
+
+
 def _semantic_errors(body: dict[str, Any]) -> list[str]:
     errors: list[str] = []
+    if (
+        str(body.get("model", "")).startswith(REFUSES_TEMPERATURE_WITH_TOP_P)
+        and "temperature" in body
+        and "top_p" in body
+    ):
+        errors.append(BOTH_SAMPLING)
     messages = body["messages"]
     if not messages:
         errors.append("messages: at least one message is required")

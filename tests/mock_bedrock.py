@@ -35,6 +35,8 @@ from botocore.loaders import Loader
 from botocore.model import ServiceModel
 from botocore.validate import ParamValidator
 
+from tests.mock_anthropic import BOTH_SAMPLING, REFUSES_TEMPERATURE_WITH_TOP_P
+
 ACCESS_KEY = "AKIDLLMUXTESTKEY"
 SECRET_KEY = "llmux/test+secret/key"
 SESSION_TOKEN = "llmux-test-session-token=="
@@ -135,7 +137,17 @@ def validate_converse(body: dict[str, Any], model_id: str, operation: str = "Con
     shape = service_model().operation_model(operation).input_shape
     params = {**_decode_blobs(copy.deepcopy(body)), "modelId": model_id}
     report = ParamValidator().validate(params, shape)
-    return str(report.generate_report()) if report.has_errors() else ""
+    if report.has_errors():
+        return str(report.generate_report())
+    inference = body.get("inferenceConfig") or {}
+    if (
+        any(f"anthropic.{m}" in model_id for m in REFUSES_TEMPERATURE_WITH_TOP_P)
+        and "temperature" in inference
+        and "topP" in inference
+    ):
+        # What Bedrock answers (ValidationException) for the newer Claude models.
+        return "The model returned the following errors: " + BOTH_SAMPLING
+    return ""
 
 
 # -- event-stream frames ---------------------------------------------------------------------

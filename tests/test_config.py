@@ -238,3 +238,154 @@ model_list:
     a, b = config.deployments
     assert a.upstream is not None and b.upstream is not None
     assert (a.upstream.base_path, b.upstream.base_path) == ("/v1", "/other/v1")
+
+
+# -- as LiteLLM users write it ------------------------------------------------------------------
+
+
+def _readme_config() -> str:
+    """The configuration example of the README, as it is printed there."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1]
+    return section.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_parses_as_meant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-readme")
+    monkeypatch.setenv("LLMUX_MASTER_KEY", "master")
+    text = _readme_config()
+    config = parse_config(text)
+    s = config.settings
+    assert (str(s.listen), str(s.admin), str(s.metrics)) == (
+        "0.0.0.0:4000",
+        "127.0.0.1:9901",
+        "127.0.0.1:9464",
+    )
+    assert (s.workers, s.request_timeout_s, s.stream_idle_timeout_s) == (2, 600, 60)
+    assert s.access_log == "stdout" and s.max_request_body_bytes == 33554432
+    assert s.breaker["failure_rate"] == 0.5 and s.breaker["open_s"] == 30
+    # Each alternative the README's comments offer, written the same way.
+    for line, expect in (
+        ("access_log: off", "off"),
+        ("access_log: /var/log/llmux.log", "/var/log/llmux.log"),
+    ):
+        variant = text.replace("access_log: stdout", line.split(" #")[0])
+        assert parse_config(variant).settings.access_log == expect
+    variant = text.replace("listen: 0.0.0.0:4000", "listen: unix:/run/llmux/llmux.sock")
+    assert parse_config(variant).settings.listen.path == "/run/llmux/llmux.sock"
+
+
+def test_access_log_true_is_refused_with_what_to_write() -> None:
+    with pytest.raises(ConfigError, match=r"llmux\.access_log: write stdout, off or a file path"):
+        parse_config("llmux: {access_log: on}")
+
+
+def test_bedrock_runtime_endpoint_as_litellm_orders_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_BEDROCK_RUNTIME_ENDPOINT", raising=False)
+    base = "model_list: [{model_name: b, litellm_params: {model: bedrock/m, %s}}]"
+    region = "aws_region_name: eu-west-1"
+
+    def host(params: str) -> str:
+        upstream = parse_config(base % params).deployments[0].upstream
+        assert upstream is not None
+        return f"{upstream.scheme}://{upstream.authority}"
+
+    assert host(region) == "https://bedrock-runtime.eu-west-1.amazonaws.com"
+    vpce = "https://vpce-1a2b.bedrock-runtime.eu-west-1.vpce.amazonaws.com"
+    assert host(f"{region}, aws_bedrock_runtime_endpoint: '{vpce}'") == vpce
+    monkeypatch.setenv("AWS_BEDROCK_RUNTIME_ENDPOINT", "http://bedrock-proxy.internal:8080")
+    assert host(region) == "http://bedrock-proxy.internal:8080"
+    # The parameter wins over the variable, api_base over both.
+    assert host(f"{region}, aws_bedrock_runtime_endpoint: '{vpce}'") == vpce
+    assert host(f"{region}, api_base: 'https://explicit.example'") == "https://explicit.example"
+    assert parse_config(base % region).warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("provider", "variable"),
+    [
+        ("openai", "OPENAI_BASE_URL"),
+        ("openai", "OPENAI_API_BASE"),
+        ("azure", "AZURE_API_BASE"),
+        ("anthropic", "ANTHROPIC_API_BASE"),
+        ("gemini", "GEMINI_API_BASE"),
+        ("hosted_vllm", "HOSTED_VLLM_API_BASE"),
+        ("ollama", "OLLAMA_API_BASE"),
+        ("groq", "GROQ_API_BASE"),
+    ],
+)
+def test_litellm_endpoint_variables(
+    monkeypatch: pytest.MonkeyPatch, provider: str, variable: str
+) -> None:
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_BASE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "http://gateway-proxy.internal:9000/v1")
+    text = f"model_list: [{{model_name: m, litellm_params: {{model: {provider}/x}}}}]"
+    upstream = parse_config(text).deployments[0].upstream
+    assert upstream is not None
+    assert (upstream.host, upstream.port, upstream.base_path) == (
+        "gateway-proxy.internal",
+        9000,
+        "/v1",
+    )
+    # litellm_params.api_base (or LiteLLM's alias base_url) still wins.
+    for key in ("api_base", "base_url"):
+        explicit = text.replace("x}", f"x, {key}: 'https://own.example/v1'}}")
+        upstream = parse_config(explicit).deployments[0].upstream
+        assert upstream is not None and upstream.host == "own.example"
+
+
+def test_vertex_ai_aliases_are_the_same_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VERTEXAI_LOCATION", raising=False)
+    config = parse_config(
+        "model_list: [{model_name: g, litellm_params: {model: vertex_ai/gemini-2.0-flash,"
+        " vertex_ai_project: p1, vertex_ai_location: europe-west4}}]"
+    )
+    dep = config.deployments[0]
+    assert dep.params["vertex_project"] == "p1" and dep.params["vertex_location"] == "europe-west4"
+    assert (
+        dep.upstream is not None and dep.upstream.host == "europe-west4-aiplatform.googleapis.com"
+    )
+    assert config.warnings == ()
+
+
+def test_unknown_litellm_params_are_warned_by_name() -> None:
+    config = parse_config(
+        "model_list: [{model_name: m, litellm_params: {model: openai/x, api_key: k,"
+        " temperature: 0.1, aws_region_name: us-east-1, rpm: 3, input_cost_per_token: 0.1}}]"
+    )
+    assert sorted(config.warnings) == [
+        "model_list[0].litellm_params.aws_region_name: not used by LLMux for provider 'openai';"
+        " ignored",
+        "model_list[0].litellm_params.temperature: not used by LLMux for provider 'openai';"
+        " ignored",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("api_base", "message"),
+    [
+        ("http://10.0.0.256:8000/v1", "'10.0.0.256' in 'http://10.0.0.256:8000/v1' is not an IPv4"),
+        ("http://1.2.3.4x.5/v1", "is neither an IP address nor a name"),
+        ("http://-bad.example/v1", "is not a valid host name"),
+        ("http://[fe80::zz]/v1", "expected an http(s) URL"),
+        ("http://127.0.0.1:0/v1", "bad port"),
+    ],
+)
+def test_hosts_envoy_could_never_reach_are_refused(api_base: str, message: str) -> None:
+    text = f"model_list: [{{model_name: m, litellm_params: {{model: openai/x, api_base: '{api_base}'}}}}]"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert "model_list[0].litellm_params.api_base" in str(info.value)
+    assert message in str(info.value)
+
+
+def test_valid_hosts_are_taken() -> None:
+    for api_base in (
+        "http://10.0.0.255:8000/v1",
+        "http://[::1]:8000/v1",
+        "https://my_service.internal",
+        "https://example-resource.openai.azure.com",
+    ):
+        text = f"model_list: [{{model_name: m, litellm_params: {{model: openai/x, api_base: '{api_base}'}}}}]"
+        assert parse_config(text).deployments[0].upstream is not None

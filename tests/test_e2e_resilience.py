@@ -285,10 +285,12 @@ def test_killed_envoy_is_restarted(gateway: Gateway) -> None:
 
 
 def test_not_ready_while_every_worker_is_down(gateway: Gateway) -> None:
-    # Workers that cannot start (a broken config file: llmux run keeps its own config, but
-    # a restarted worker reads the file) stay down, restarted with a growing back-off.
-    good = gateway.config_path.read_text()
-    gateway.config_path.write_text("model_list: [oops\n")
+    # Workers that cannot start stay down, restarted with a growing back-off. A broken edit
+    # of the config file no longer does it (workers load only the supervisor's validated
+    # snapshot): the snapshot itself is broken here.
+    snapshot = Path(gateway.settings["runtime_dir"]) / "config.yaml"
+    good = snapshot.read_text()
+    snapshot.write_text("model_list: [oops\n")
     for i in range(2):
         pid = worker_pid(gateway, i)
         assert pid is not None
@@ -306,7 +308,7 @@ def test_not_ready_while_every_worker_is_down(gateway: Gateway) -> None:
     gateway.wait_for_log("(crash loop)")
     assert gateway.process.poll() is None
 
-    gateway.config_path.write_text(good)
+    snapshot.write_text(good)
     _wait_for("ready again", lambda: _status(gateway.base_url + "/health/ready") == 200, 30)
     assert _ask(_client(gateway)) == "ok"
 

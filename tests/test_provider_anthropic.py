@@ -984,3 +984,45 @@ def test_corpus_streams_match_the_mock_answer(c: Case) -> None:
     assert comparable(streamed) == comparable(flatten(expected))
     assert len(streamed["tool_calls"]) == c.expect_tool_calls
     assert streamed["finish_reason"] == c.expect_finish
+
+
+# -- temperature with top_p on the newer models ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "refuses"),
+    [
+        ("claude-sonnet-4-5-20250929", True),
+        ("claude-haiku-4-5", True),
+        ("claude-opus-4-1-20250805", True),
+        ("claude-opus-4-5", True),
+        ("claude-sonnet-4-6", True),
+        ("claude-sonnet-4-20250514", False),  # a date is no minor version
+        ("claude-opus-4", False),
+        ("claude-3-7-sonnet-20250219", False),
+        ("claude-3-5-sonnet-20241022", False),
+        ("claude-2.1", False),
+    ],
+)
+def test_which_models_refuse_the_pair(model: str, refuses: bool) -> None:
+    from llmux_extproc.providers.anthropic import refuses_temperature_with_top_p
+
+    assert refuses_temperature_with_top_p(model) is refuses
+    # The mock answers as Anthropic does, from its own list of models.
+    sent = {"model": model, "max_tokens": 10, "temperature": 0.5, "top_p": 0.9}
+    sent["messages"] = [{"role": "user", "content": "hi"}]
+    assert (mock_anthropic.BOTH_SAMPLING in mock_anthropic.request_errors(sent)) is refuses
+
+
+def test_temperature_with_top_p_is_400_naming_both_or_top_p_dropped() -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.2, "top_p": 0.5}
+    with pytest.raises(GatewayError) as info:
+        translate(body, deployment("claude-sonnet-4-5-20250929"))
+    assert info.value.status == 400 and info.value.param == "top_p"
+    assert "'temperature' together with 'top_p'" in info.value.message
+    sent = translate(body, deployment("claude-sonnet-4-5-20250929", drop_params=True))
+    assert sent["temperature"] == 0.2 and "top_p" not in sent
+    sent = translate({**body, "temperature": None}, deployment("claude-sonnet-4-5-20250929"))
+    assert sent["top_p"] == 0.5 and "temperature" not in sent
+    sent = translate(body)  # an older model takes both
+    assert (sent["temperature"], sent["top_p"]) == (0.2, 0.5)

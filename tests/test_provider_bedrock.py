@@ -828,3 +828,17 @@ def test_translator_usage() -> None:
     translator.feed(stream_of(corpus.case("plain").request))
     assert (translator.usage.prompt_tokens, translator.usage.completion_tokens) == (14, 7)
     assert translator.usage.cached_tokens == 2
+
+
+def test_claude_45_temperature_with_top_p_is_400_or_top_p_dropped() -> None:
+    model = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.2, "top_p": 0.5}
+    with pytest.raises(GatewayError) as info:
+        converse(body, make_dep(model))
+    assert info.value.status == 400 and info.value.param == "top_p"
+    sent = converse(body, make_dep(model, drop_params=True))
+    assert sent["inferenceConfig"] == {"temperature": 0.2}
+    assert mb.validate_converse(sent, model) == ""
+    # Other families on Bedrock take both.
+    sent = converse(body, make_dep("meta.llama3-1-70b-instruct-v1:0"))
+    assert sent["inferenceConfig"] == {"temperature": 0.2, "topP": 0.5}

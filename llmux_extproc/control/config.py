@@ -9,7 +9,9 @@ as warnings, never silently treated as honoured.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -257,6 +259,11 @@ PRICE_KEYS = {
     "cache_creation_input_token_cost",
     "output_cost_per_reasoning_token",
 }
+VERTEX_ALIASES = {
+    "vertex_ai_project": "vertex_project",
+    "vertex_ai_location": "vertex_location",
+    "vertex_ai_credentials": "vertex_credentials",
+}
 KNOWN_SECTIONS = {
     "model_list",
     "router_settings",
@@ -269,25 +276,34 @@ KNOWN_SECTIONS = {
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate a config file; None loads the embedded default."""
+    return read_config(path)[1]
+
+
+def read_config(path: str | os.PathLike[str] | None = None) -> tuple[str, Config]:
+    """The file's text, read once, and the Config parsed from exactly that text: what
+    `llmux run` validates is what it hands its workers (the runtime directory's snapshot),
+    whatever the file holds by then."""
     if path is None:
         text = resources.files("llmux_extproc").joinpath("default_config.yaml").read_text()
-        return parse_config(text, "<embedded default>")
+        return text, parse_config(text, "<embedded default>")
     try:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    return parse_config(text, str(path))
+    return text, parse_config(text, str(path))
 
 
-def file_stamp(path: str | os.PathLike[str] | None) -> tuple[float, int] | None:
-    """What reload watchers compare to notice an edit (None: no file, or unreadable)."""
+def file_stamp(path: str | os.PathLike[str] | None) -> tuple[int, int, int] | None:
+    """What reload watchers compare to notice an edit (None: no file, or unreadable). The
+    inode too: a file replaced by rename within one mtime tick and of the same size (the
+    supervisor's snapshots) is still a new file."""
     if path is None:
         return None
     try:
         st = Path(path).stat()
     except OSError:
         return None
-    return (st.st_mtime, st.st_size)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
@@ -326,7 +342,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raise ConfigError("model_list: must be a list")
     drop_params = bool(litellm.get("drop_params", False))
     deployments = tuple(
-        _parse_deployment(i, item, env, drop_params) for i, item in enumerate(model_list)
+        _parse_deployment(i, item, env, drop_params, warnings) for i, item in enumerate(model_list)
     )
     ids = [d.id for d in deployments]
     dup = {i for i in ids if ids.count(i) > 1}
@@ -356,7 +372,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     )
 
 
-def _parse_deployment(index: int, item: Any, env: dict[str, str], drop_params: bool) -> Deployment:
+def _parse_deployment(
+    index: int, item: Any, env: dict[str, str], drop_params: bool, warnings: list[str]
+) -> Deployment:
     where = f"model_list[{index}]"
     item = _mapping(item, where)
     model_name = _str(item.get("model_name"), f"{where}.model_name")
@@ -374,15 +392,32 @@ def _parse_deployment(index: int, item: Any, env: dict[str, str], drop_params: b
             f"{model_field}: provider {provider!r} is not supported (supported: {supported})"
         )
 
-    api_base = params.pop("api_base", None) or spec.default_api_base
+    # LiteLLM's names for the same thing: base_url is completion()'s alias of api_base;
+    # Vertex takes vertex_ai_project/_location/_credentials as well.
+    base_url = params.pop("base_url", None)
+    for alias, name in VERTEX_ALIASES.items():
+        if alias in params:
+            value = params.pop(alias)
+            params.setdefault(name, value)
+    params_where = f"{where}.litellm_params"
+    api_base, base_where = params.pop("api_base", None), f"{params_where}.api_base"
+    if not api_base and base_url:
+        api_base, base_where = base_url, f"{params_where}.base_url"
+    for var in () if api_base else spec.api_base_env:
+        if env.get(var):
+            api_base, base_where = env[var], f"{params_where}.api_base (from ${var})"
+            break
+    api_base = api_base or spec.default_api_base
     if not api_base and spec.derive_api_base:
         api_base = spec.derive_api_base(params, env)
+        # aws_bedrock_runtime_endpoint, a region, a location: the message shows the value.
+        base_where = f"{params_where} (the endpoint derived from them)"
     upstream = None
     if spec.needs_upstream:
         if not api_base:
-            raise ConfigError(f"{where}.litellm_params.api_base: required for {provider!r}")
-        api_base = _resolve_secret(api_base, f"{where}.litellm_params.api_base", env)
-        upstream = _parse_upstream(api_base, f"{where}.litellm_params.api_base")
+            raise ConfigError(f"{params_where}.api_base: required for {provider!r}")
+        api_base = _resolve_secret(api_base, base_where, env)
+        upstream = _parse_upstream(api_base, base_where)
 
     api_key = params.pop("api_key", None)
     if api_key is not None:
@@ -412,6 +447,12 @@ def _parse_deployment(index: int, item: Any, env: dict[str, str], drop_params: b
         params.pop("max_parallel_requests", None), f"{where}.litellm_params.max_parallel_requests"
     )
     dep_drop_params = bool(params.pop("drop_params", drop_params))
+    if spec.params is not None:
+        for key in sorted(params.keys() - spec.params - PRICE_KEYS):
+            warnings.append(
+                f"{where}.litellm_params.{key}: not used by LLMux for provider {provider!r};"
+                " ignored"
+            )
     dep_id = model_info.get("id")
     if dep_id is None:
         # Stable across reloads, so metrics and logs keep one name per deployment.
@@ -524,14 +565,47 @@ def _non_negative(value: Any, where: str) -> float:
 
 
 def _parse_upstream(api_base: str, where: str) -> Upstream:
-    parts = urlsplit(api_base)
+    try:
+        parts = urlsplit(api_base)
+    except ValueError as exc:  # a bracketed host that is no IPv6 address
+        raise ConfigError(f"{where}: expected an http(s) URL, got {api_base!r}: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: expected an http(s) URL, got {api_base!r}")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
         raise ConfigError(f"{where}: bad port in {api_base!r}") from exc
+    if port == 0:
+        raise ConfigError(f"{where}: bad port in {api_base!r}")
+    _check_host(parts.hostname, api_base, where)
     return Upstream(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def _check_host(host: str, api_base: str, where: str) -> None:
+    """An IP address, or a name DNS can have. A dotted-number host that is no IPv4 address
+    (10.0.0.256) would otherwise become a name Envoy looks up forever: every request
+    `no healthy upstream`."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {host!r} in {api_base!r} is not an IPv6 address") from exc
+        return
+    if all(part.isdigit() for part in host.split(".")):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {host!r} in {api_base!r} is not an IPv4 address") from exc
+        return
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(f"{where}: {host!r} in {api_base!r} is not a valid host name")
+    if labels[-1].isdigit():
+        # RFC 1123: a top-level label is never all digits, so 1.2.3.4x.5 is no name either.
+        raise ConfigError(f"{where}: {host!r} in {api_base!r} is neither an IP address nor a name")
 
 
 def _parse_settings(raw: dict[str, Any]) -> Settings:
@@ -583,11 +657,22 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         max_response_body_bytes=_int(
             raw.get("max_response_body_bytes", 32 * 1024 * 1024), "llmux.max_response_body_bytes"
         ),
-        access_log=_str(raw.get("access_log", "stdout"), "llmux.access_log"),
+        access_log=_access_log(raw.get("access_log", "stdout")),
         reload_poll_s=_positive(raw.get("reload_poll_interval", 1.0), "llmux.reload_poll_interval"),
         drain_timeout_s=_positive(raw.get("drain_timeout", 60), "llmux.drain_timeout"),
         breaker=_breaker(_mapping(raw.get("circuit_breaker"), "llmux.circuit_breaker")),
     )
+
+
+def _access_log(value: Any) -> str:
+    # YAML 1.1 reads a bare `off` (as the README writes it) as false.
+    if value is False:
+        return "off"
+    if value is True:
+        raise ConfigError(
+            "llmux.access_log: write stdout, off or a file path (YAML reads on/true as true)"
+        )
+    return _str(value, "llmux.access_log")
 
 
 BREAKER_KEYS = {

@@ -82,7 +82,7 @@ class ControlPlane:
         self,
         config: Config,
         sink_port: int,
-        publish: Callable[[list[dict[str, Any]]], None],
+        publish: Callable[[list[dict[str, Any]]], object],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sink_port = sink_port

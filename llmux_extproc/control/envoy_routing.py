@@ -526,6 +526,11 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
         action: dict[str, Any] = {
             "cluster": group_cluster_name(group),
             "timeout": _duration(s.request_timeout_s),
+            # A whole answer may be silent until it is done; without this the listener's
+            # stream idle timeout (its value at Envoy's start) would cut it, whatever a
+            # reload made request_timeout (measured: 504 "stream timeout" after a reload
+            # raised request_timeout above it).
+            "idle_timeout": _duration(s.request_timeout_s),
             "retry_policy": policy,
         }
         stream_action = {**action, "idle_timeout": _duration(s.stream_idle_timeout_s)}
@@ -594,6 +599,11 @@ def route_configuration(config: Config, extra: Iterable[dict[str, Any]] = ()) ->
                 "name": "llmux",
                 "domains": ["*"],
                 "routes": routes(config, extra),
+                # What Envoy buffers of a request body (json_to_metadata, the router's copy
+                # for retries): above the listener's per-connection limit as well (spike:
+                # a 400 kB body passed a 100 kB listener with this at 1 MB), so a reload
+                # raising max_request_body_bytes takes effect; larger bodies get Envoy's 413.
+                "request_body_buffer_limit": config.settings.max_request_body_bytes,
                 # The processor reads the attempt number (x-litellm-attempted-retries).
                 "include_request_attempt_count": True,
                 # prompt.lua runs only where a route names it (the stream routes).

@@ -1,10 +1,14 @@
 """`llmux run`: the ext_proc workers and Envoy as child processes, kept in step.
 
 Start order: workers (gRPC sockets up), then Envoy (admin ready, listener accepting).
-A config edit is validated here first; a good one reaches Envoy as new clusters through
-file-based CDS, then the workers (SIGHUP), then clusters no longer used are dropped, so no
-request is routed to a cluster Envoy does not have yet. A bad edit is logged, counted and
-ignored.
+A config edit is read once and validated here; the text validated is written to the runtime
+directory (`config.yaml`), the only file the workers ever load. A good edit reaches Envoy as
+clusters through file-based CDS, then routes (RDS), each confirmed by Envoy's own counters
+(accepted: the subscription's version; rejected: `update_rejected`, Envoy's NACK), then the
+workers (SIGHUP), then clusters no longer used are dropped, so no request is routed to a
+cluster Envoy does not have yet. A bad edit, or one Envoy rejects, is logged with the reason,
+counted, and the previous config (Envoy's files and the workers' snapshot included) is put
+back.
 
 A child that dies is restarted at once (a worker on its own socket; Envoy from the same
 bootstrap), and again after a growing pause if it keeps dying soon after each start; Envoy
@@ -22,6 +26,7 @@ import contextlib
 import http.client
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,14 +42,14 @@ import orjson
 from envoy.service.accesslog.v3.als_pb2_grpc import add_AccessLogServiceServicer_to_server
 
 from llmux_extproc.control import envoy_config
-from llmux_extproc.control.config import Config, ConfigError, Listen, file_stamp, load_config
+from llmux_extproc.control.config import Config, ConfigError, Listen, file_stamp, read_config
 from llmux_extproc.control.controlplane import (
     TOKENS_SOCKET,
     AttemptLog,
     ControlPlane,
     listen_for_tokens,
 )
-from llmux_extproc.control.envoy_binary import find_envoy
+from llmux_extproc.control.envoy_binary import envoy_rejects, find_envoy
 from llmux_extproc.control.envoy_config import RuntimePaths
 
 log = logging.getLogger("llmux")
@@ -54,11 +59,24 @@ class StartupError(RuntimeError):
     pass
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     # Envoy's file watcher reacts to a rename into the watched directory: never a partial file.
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)  # an older tmp file keeps its mode through O_CREAT
     os.replace(tmp, path)
+
+
+# The config as `llmux run` validated it, in its runtime directory: what the workers load
+# (at start, on SIGHUP, and when they meet a deployment they do not know yet).
+SNAPSHOT = "config.yaml"
+# Envoy's counters for its two file subscriptions (stat prefix llmux, route config llmux).
+CDS_STATS = "cluster_manager.cds"
+RDS_STATS = "http.llmux.rds.llmux"
+# How long Envoy may take to apply (or reject) a pushed file before the reload fails.
+XDS_APPLY_TIMEOUT_S = 10.0
 
 
 # A child that dies sooner than this after its start counts as a crash loop: the next start
@@ -147,9 +165,10 @@ def _free_port() -> int:
 
 
 class Supervisor:
-    def __init__(self, config_path: str | None, config: Config) -> None:
+    def __init__(self, config_path: str | None, config: Config, text: str = "") -> None:
         self.config_path = config_path
         self.config = config
+        self._text = text  # what `config` was parsed from: the workers' snapshot
         root = config.settings.runtime_dir or tempfile.mkdtemp(prefix="llmux-")
         self.paths = RuntimePaths(Path(root), sink_port=_free_port())
         self.paths.root.mkdir(parents=True, exist_ok=True)
@@ -161,10 +180,19 @@ class Supervisor:
         self._cds_version = 0
         self._stamp = file_stamp(config_path)
 
+    @property
+    def snapshot(self) -> Path:
+        return self.paths.root / SNAPSHOT
+
+    def write_snapshot(self, text: str) -> None:
+        # The file may hold keys: readable by this user only, like the runtime directory.
+        write_atomic(self.snapshot, text.encode(), mode=0o600)
+
     # -- start ---------------------------------------------------------------------
 
     def start(self) -> None:
         s = self.config.settings
+        self.write_snapshot(self._text)
         for i in range(s.workers):
             self.workers.append(self._spawn_worker(i))
             self._worker_restarts.append(_Restarts())
@@ -196,9 +224,10 @@ class Supervisor:
     def _spawn_worker(self, i: int) -> subprocess.Popen[bytes]:
         sock = self.paths.extproc_socket(i)
         sock.unlink(missing_ok=True)
+        # The validated snapshot, never the user's file: that may hold an edit being
+        # validated, or one that was rejected.
         cmd = [sys.executable, "-m", "llmux_extproc", "extproc", "--listen", f"unix:{sock}"]
-        if self.config_path:
-            cmd += ["--config", self.config_path]
+        cmd += ["--config", str(self.snapshot)]
         # gRPC's threads would each get a glibc malloc arena; two keep RSS flat.
         env = {
             **os.environ,
@@ -316,15 +345,56 @@ class Supervisor:
 
     # -- reload --------------------------------------------------------------------
 
-    def push_clusters(self, clusters: list[dict[str, Any]]) -> None:
+    def push_clusters(self, clusters: list[dict[str, Any]]) -> str:
         self._cds_version += 1
         doc = envoy_config.cds_document(clusters, str(self._cds_version))
         write_atomic(self.paths.cds, orjson.dumps(doc))
+        return str(self._cds_version)
 
-    def push_routes(self, config: Config) -> None:
+    def push_routes(self, config: Config) -> str:
         self._cds_version += 1
         doc = envoy_config.rds_document(config, str(self._cds_version))
         write_atomic(self.paths.rds, orjson.dumps(doc))
+        return str(self._cds_version)
+
+    def _xds_state(self, prefix: str) -> tuple[int, int] | None:
+        """(refusals, accepted version) of one of Envoy's file subscriptions. A refusal is
+        `update_rejected` (a resource Envoy cannot build: its NACK) or `update_failure` (a
+        file it cannot parse as the resource type; measured: an out-of-range duration
+        counts there, with nothing logged)."""
+        pattern = f"^{re.escape(prefix)}\\.(update_rejected|update_failure|version_text)$"
+        try:
+            status, text = admin_get(self.config.settings.admin, f"/stats?filter={pattern}")
+        except OSError:
+            return None
+        if status != 200:
+            return None
+        values = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            values[name.rsplit(".", 1)[-1]] = value.strip().strip('"')
+        try:
+            refusals = int(values["update_rejected"]) + int(values["update_failure"])
+            return refusals, int(values.get("version_text") or 0)
+        except (KeyError, ValueError):
+            return None
+
+    async def _applied(self, prefix: str, push: Any, what: str) -> str | None:
+        """Push (a callable writing one file, returning its version) and wait until Envoy
+        has taken that version (None) or rejected it (its NACK: `update_rejected` grew);
+        why not, otherwise. Envoy only reports a file update's fate in these counters."""
+        before = await asyncio.to_thread(self._xds_state, prefix)
+        version = int(push())
+        deadline = time.monotonic() + XDS_APPLY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            now = await asyncio.to_thread(self._xds_state, prefix)
+            if now is not None and before is not None and now[0] > before[0]:
+                return f"Envoy rejected the {what} ({prefix}.update_rejected/update_failure)"
+            # A later push (the control plane's own) may have overtaken this one.
+            if now is not None and now[1] >= version:
+                return None
+            await asyncio.sleep(0.05)
+        return f"Envoy did not apply the {what} within {XDS_APPLY_TIMEOUT_S:.0f}s"
 
     def _envoy_has(self, names: set[str]) -> bool:
         try:
@@ -334,14 +404,15 @@ class Supervisor:
         present = {line.split("::", 1)[0] for line in text.splitlines()}
         return status == 200 and names <= present
 
-    def _envoy_routes_at(self, version: str) -> bool:
-        try:
-            status, text = admin_get(
-                self.config.settings.admin, "/config_dump?resource=dynamic_route_configs"
-            )
-        except OSError:
-            return False
-        return status == 200 and f'"version_info": "{version}"' in text
+    async def _envoy_reason(self, config: Config, clusters: list[dict[str, Any]]) -> str:
+        """Envoy's own words for a rejected update: its log has them, this process does not,
+        so the same resources are put to `envoy --mode validate`."""
+        doc = envoy_config.bootstrap(config, self.paths, static_clusters=True)
+        static = doc["static_resources"]
+        names = {c["name"] for c in clusters}
+        static["clusters"] = [c for c in static["clusters"] if c["name"] not in names] + clusters
+        reason = await asyncio.to_thread(envoy_rejects, doc, self.paths.root)
+        return reason or "see Envoy's log ('config rejected')"
 
     async def maybe_reload(self) -> None:
         stamp = file_stamp(self.config_path)
@@ -351,12 +422,14 @@ class Supervisor:
         from llmux_extproc.observability import metrics
 
         try:
-            new = load_config(self.config_path)
+            # Read once: the text validated here is the text the workers get.
+            text, new = read_config(self.config_path)
             _check_reloadable(self.config, new)
         except ConfigError as exc:
             metrics.CONFIG_RELOADS.labels("error").inc()
             log.error("config reload rejected, keeping the running config: %s", exc)
             return
+        old, old_text = self.config, self._text
         old_clusters = self.control.clusters()
         self.control.configure(new)
         await self.control.resolve()
@@ -364,24 +437,31 @@ class Supervisor:
         new_names = {c["name"] for c in new_clusters}
         # Old clusters stay until the routes no longer lead there.
         union = new_clusters + [c for c in old_clusters if c["name"] not in new_names]
-        self.push_clusters(union)
-        deadline = time.monotonic() + 10
-        # Envoy reports applied clusters only through its admin API: poll it.
-        while time.monotonic() < deadline:
+        # The snapshot first: a worker meeting a deployment of the new clusters re-reads it
+        # at once (Gateway.deployment), so neither order of arrival fails a request.
+        self.write_snapshot(text)
+        error = await self._applied(CDS_STATS, lambda: self.push_clusters(union), "clusters")
+        deadline = time.monotonic() + XDS_APPLY_TIMEOUT_S
+        # Accepted clusters that resolve names warm up before Envoy routes to them.
+        while error is None and time.monotonic() < deadline:
             if await asyncio.to_thread(self._envoy_has, new_names):
                 break
             await asyncio.sleep(0.05)
-        # Routes to the new groups, then the workers: a worker meeting a deployment it
-        # does not know yet re-reads the config at once (Gateway.deployment), so neither
-        # order of arrival fails a request.
-        self.push_routes(new)
-        while time.monotonic() < deadline:
-            if await asyncio.to_thread(self._envoy_routes_at, str(self._cds_version)):
-                break
-            await asyncio.sleep(0.05)
+        if error is None:
+            error = await self._applied(RDS_STATS, lambda: self.push_routes(new), "routes")
+        if error is not None:
+            if error.startswith("Envoy rejected"):
+                error += ": " + await self._envoy_reason(new, union)
+            await self._roll_back(old, old_text, old_clusters)
+            metrics.CONFIG_RELOADS.labels("error").inc()
+            log.error("config reload failed, keeping the running config: %s", error)
+            return
         for proc in self.workers:
             proc.send_signal(signal.SIGHUP)
-        self.config = new
+        self.config, self._text = new, text
+        # A restarted Envoy starts from the bootstrap: it must be this config's too.
+        bootstrap = envoy_config.bootstrap(new, self.paths)
+        write_atomic(self.paths.bootstrap, orjson.dumps(bootstrap, option=orjson.OPT_INDENT_2))
         metrics.CONFIG_RELOADS.labels("success").inc()
         for warning in new.warnings:
             log.warning("config: %s", warning)
@@ -390,6 +470,25 @@ class Supervisor:
         await asyncio.sleep(2)
         if self.config is new:
             self.control.update(force=True)
+
+    async def _roll_back(
+        self, old: Config, old_text: str, old_clusters: list[dict[str, Any]]
+    ) -> None:
+        """Envoy's files, the control plane and the workers' snapshot as before the reload:
+        a file Envoy rejected must not be what a restarted Envoy starts from, and a worker
+        that already re-read the snapshot goes back."""
+        self.control.configure(old)
+        self.write_snapshot(old_text)
+        for push, prefix, what in (
+            (lambda: self.push_routes(old), RDS_STATS, "previous routes"),
+            (lambda: self.push_clusters(old_clusters), CDS_STATS, "previous clusters"),
+        ):
+            error = await self._applied(prefix, push, what)
+            if error is not None:
+                log.error("rolling back the reload: %s", error)
+        for proc in self.workers:
+            proc.send_signal(signal.SIGHUP)
+        self.control.update(force=True)
 
     # -- run and stop --------------------------------------------------------------
 
@@ -527,18 +626,39 @@ class Supervisor:
             shutil.rmtree(self.paths.root, ignore_errors=True)
 
 
+# Settings Envoy or the processes take only at start, by config key: a reload changing one is
+# rejected naming it, instead of reporting success and keeping the old value. Everything
+# else takes effect on reload (routes, clusters, the workers' config, the control plane).
+RESTART_ONLY = {
+    "listen": "listen",
+    "admin": "admin",
+    "metrics": "metrics",
+    "workers": "workers",
+    "runtime_dir": "runtime_dir",
+    # Envoy's listener (bootstrap): its access log and the response buffer of its filters.
+    "access_log": "access_log",
+    "max_response_body_bytes": "max_response_body_bytes",
+    # Envoy's --drain-time-s: how long its listener keeps answering while draining.
+    "drain_timeout_s": "drain_timeout",
+}
+
+
 def _check_reloadable(old: Config, new: Config) -> None:
-    """Settings that shape processes and sockets need a restart; say so instead of half-applying."""
-    for name in ("listen", "admin", "metrics", "workers", "runtime_dir"):
-        if getattr(old.settings, name) != getattr(new.settings, name):
-            raise ConfigError(f"llmux.{name}: changing it needs a restart of llmux run")
+    """Settings that shape processes, sockets or Envoy's listener need a restart; say so
+    instead of half-applying."""
+    for field, key in RESTART_ONLY.items():
+        if getattr(old.settings, field) != getattr(new.settings, field):
+            raise ConfigError(
+                f"llmux.{key}: changing it needs a restart of llmux run (from "
+                f"{getattr(old.settings, field)!s} to {getattr(new.settings, field)!s})"
+            )
 
 
 def run(config_path: str | None) -> int:
-    config = load_config(config_path)
+    text, config = read_config(config_path)
     for warning in config.warnings:
         log.warning("config: %s", warning)
-    sup = Supervisor(config_path, config)
+    sup = Supervisor(config_path, config, text)
     # Must precede the first import of prometheus_client in this process and the workers.
     prom_dir = sup.paths.root / "prometheus"
     shutil.rmtree(prom_dir, ignore_errors=True)

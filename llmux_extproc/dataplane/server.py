@@ -31,7 +31,8 @@ log = logging.getLogger("llmux.worker")
 
 
 class Reloader:
-    """Re-reads the config file; a broken file keeps the old config and says why."""
+    """Re-reads the config file (under `llmux run`, the snapshot of what the supervisor
+    validated, on its SIGHUP); a broken file keeps the old config and says why."""
 
     def __init__(self, path: str | None, gateway: Gateway) -> None:
         self.path = path
@@ -61,13 +62,15 @@ def _needs_tokenizer(config: Config) -> bool:
     )
 
 
-def grpc_options(config: Config) -> list[tuple[str, int]]:
-    limit = max(config.settings.max_request_body_bytes, config.settings.max_response_body_bytes)
-    # An access log entry of a stream cut short carries its request body and text as well.
-    limit *= 2
+def grpc_options() -> list[tuple[str, int]]:
+    # No message size cap of the worker's own: its only peer is Envoy, over a socket in the
+    # runtime directory, whose buffers already bound every message (bodies by the body
+    # limits, access-log batches by their flush size). A cap derived from the body limits
+    # is fixed when the worker starts, so a reload raising them turned every larger body
+    # into a 503 (measured: "Received message larger than max (400132 vs. 265536)").
     return [
-        ("grpc.max_receive_message_length", limit + 65536),
-        ("grpc.max_send_message_length", limit + 65536),
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),
     ]
 
@@ -83,7 +86,7 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
             Path(runtime_dir, "bulkheads"), int(worker), config.settings.workers
         )
         gateway.report_tokens = TokenReporter(Path(runtime_dir, TOKENS_SOCKET))
-    server = grpc.aio.server(options=grpc_options(config))
+    server = grpc.aio.server(options=grpc_options())
     add_ExternalProcessorServicer_to_server(Processor(gateway), server)
     add_AccessLogServiceServicer_to_server(StreamAccounting(gateway), server)
     # Envoy health-checks every worker (grpc.health.v1, empty service name) and sends ext_proc
@@ -106,7 +109,7 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
 
     async def watch_file() -> None:
         while True:
-            await asyncio.sleep(config.settings.reload_poll_s)
+            await asyncio.sleep(gateway.state.config.settings.reload_poll_s)
             if reloader.changed():
                 reloader.reload()
 

@@ -6,10 +6,16 @@ from LiteLLM behaves the same: system prompts go top-level, tool results become
 `json_tool_call` whose input becomes the answer's text, and `reasoning_effort` turns on
 extended thinking. Thinking blocks come back as `reasoning_content` plus `thinking_blocks`,
 which a client sends back on the assistant message to continue a thinking conversation.
+
+Refused with a 400 (or fixed up with `drop_params`), where LiteLLM forwards and the provider
+refuses: `temperature` together with `top_p` on Claude Opus 4.1 and every Claude from 4.5 on
+(`drops_top_p`; Bedrock's Converse translation applies the same rule). With drop_params,
+`temperature` is kept and `top_p` left out.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -206,6 +212,39 @@ def build_body(body: dict[str, Any], dep: Deployment, stream: bool) -> dict[str,
     return out
 
 
+# Claude Opus 4.1 and every Claude from 4.5 on refuse `temperature` together with `top_p`
+# ("`temperature` and `top_p` cannot both be specified for this model", on Anthropic's API,
+# Bedrock and Vertex alike). LiteLLM 1.110 forwards both and passes the provider's 400 on;
+# LLMux refuses before anything is sent, or with drop_params sends temperature alone.
+_CLAUDE_VERSION = re.compile(r"claude-(?:[a-z]+-)?(\d+)(?:[-.](\d{1,2}))?(?!\d)")
+
+
+def refuses_temperature_with_top_p(model: str) -> bool:
+    """Whether a Claude model id (Anthropic's, Bedrock's `anthropic.claude-...`, Vertex's
+    `claude-...@date`) is one that refuses the pair: version 4.1 or later. A date suffix
+    (`claude-sonnet-4-20250514`) is no minor version."""
+    match = _CLAUDE_VERSION.search(model.lower())
+    return match is not None and (int(match[1]), int(match[2] or 0)) >= (4, 1)
+
+
+def drops_top_p(body: dict[str, Any], model: str, drop_params: bool) -> bool:
+    """True when `top_p` must be left out (drop_params); 400 naming both parameters when the
+    model refuses the pair and drop_params is off."""
+    if body.get("temperature") is None or body.get("top_p") is None:
+        return False
+    if not refuses_temperature_with_top_p(model):
+        return False
+    if drop_params:
+        return True
+    raise GatewayError(
+        400,
+        f"{model} does not accept 'temperature' together with 'top_p': send only one of them,"
+        " or set drop_params: true to have top_p dropped.",
+        param="top_p",
+        code="unsupported_parameter",
+    )
+
+
 def _check_unsupported(body: dict[str, Any], dep: Deployment) -> set[str]:
     """Names of parameters to leave out; raises 400 for them unless drop_params is set."""
     dropped = set()
@@ -220,6 +259,8 @@ def _check_unsupported(body: dict[str, Any], dep: Deployment) -> set[str]:
                     code="unsupported_parameter",
                 )
             dropped.add(name)
+    if drops_top_p(body, dep.model, dep.drop_params):
+        dropped.add("top_p")
     for name in ("functions", "function_call"):
         if body.get(name) is not None:
             raise GatewayError(

@@ -32,6 +32,7 @@ import orjson
 from llmux_extproc.accounting import tokens
 from llmux_extproc.accounting.usage import Usage
 from llmux_extproc.errors import GatewayError, bad_request
+from llmux_extproc.providers import anthropic
 from llmux_extproc.providers.auth import sigv4
 from llmux_extproc.providers.aws_eventstream import EventStreamDecoder, EventStreamError, Message
 from llmux_extproc.providers.base import (
@@ -198,6 +199,8 @@ def converse_body(body: JSON, model_id: str, drop: bool) -> JSON:
     if system:
         out["system"] = system
     thinking = thinking_config(body, model_id, drop)
+    if is_anthropic(model_id) and anthropic.drops_top_p(body, model_id, drop):
+        body = {k: v for k, v in body.items() if k != "top_p"}
     inference = inference_config(body, thinking)
     if inference:
         out["inferenceConfig"] = inference

@@ -47,16 +47,38 @@ class ProviderSpec:
     needs_upstream: bool = True
     # Providers whose host depends on other params (region, location) derive it from them.
     derive_api_base: Callable[[Mapping[str, Any], Mapping[str, str]], str | None] | None = None
+    # Environment variables LiteLLM reads for the endpoint when litellm_params.api_base is
+    # not set, first match wins (OPENAI_BASE_URL, AZURE_API_BASE, HOSTED_VLLM_API_BASE, ...).
+    api_base_env: tuple[str, ...] = ()
+    # The provider's own litellm_params keys its adapter reads (besides the common ones
+    # config.py takes: model, api_base, api_key, rpm, ...); any other key is warned about by
+    # name. None: not declared (a plugin), so unknown keys are not warned about.
+    params: frozenset[str] | None = frozenset()
+
+
+def vertex_location(params: Mapping[str, Any], env: Mapping[str, str]) -> str:
+    """As LiteLLM: vertex_location (config.py folds vertex_ai_location into it), then
+    VERTEXAI_LOCATION, then VERTEX_LOCATION."""
+    value = (
+        params.get("vertex_location") or env.get("VERTEXAI_LOCATION") or env.get("VERTEX_LOCATION")
+    )
+    return str(value) if value else "us-central1"
 
 
 def _vertex_base(params: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
-    location = params.get("vertex_location") or env.get("VERTEXAI_LOCATION") or "us-central1"
+    location = vertex_location(params, env)
     if location == "global":
         return "https://aiplatform.googleapis.com"
     return f"https://{location}-aiplatform.googleapis.com"
 
 
 def _bedrock_base(params: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+    # LiteLLM's order (BaseAWSLLM.get_runtime_endpoint): api_base (config.py, before this),
+    # aws_bedrock_runtime_endpoint, AWS_BEDROCK_RUNTIME_ENDPOINT, then the region's public
+    # endpoint. A VPC or proxy endpoint is what a private network can reach at all.
+    endpoint = params.get("aws_bedrock_runtime_endpoint") or env.get("AWS_BEDROCK_RUNTIME_ENDPOINT")
+    if endpoint:
+        return str(endpoint)
     region = (
         params.get("aws_region_name")
         or env.get("AWS_REGION")
@@ -66,38 +88,111 @@ def _bedrock_base(params: Mapping[str, Any], env: Mapping[str, str]) -> str | No
     return f"https://bedrock-runtime.{region}.amazonaws.com" if region else None
 
 
-def _compatible(name: str, base: str | None, key_env: str | None = None) -> ProviderSpec:
-    return ProviderSpec(name, "openai", base, key_env)
+def _compatible(
+    name: str, base: str | None, key_env: str | None = None, base_env: tuple[str, ...] = ()
+) -> ProviderSpec:
+    return ProviderSpec(name, "openai", base, key_env, api_base_env=base_env)
+
+
+_AWS_PARAMS = frozenset(
+    {
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "aws_region_name",
+        "aws_bedrock_runtime_endpoint",
+    }
+)
+_VERTEX_PARAMS = frozenset({"vertex_project", "vertex_location", "vertex_credentials"})
 
 
 PROVIDERS: dict[str, ProviderSpec] = {
     spec.name: spec
     for spec in (
-        ProviderSpec("mock", "mock", needs_upstream=False),
-        ProviderSpec("openai", "openai", "https://api.openai.com/v1", "OPENAI_API_KEY"),
-        ProviderSpec("anthropic", "anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY"),
+        ProviderSpec("mock", "mock", needs_upstream=False, params=frozenset({"mock_response"})),
         ProviderSpec(
-            "gemini", "gemini", "https://generativelanguage.googleapis.com", "GEMINI_API_KEY"
+            "openai",
+            "openai",
+            "https://api.openai.com/v1",
+            "OPENAI_API_KEY",
+            api_base_env=("OPENAI_BASE_URL", "OPENAI_API_BASE"),
         ),
-        ProviderSpec("vertex_ai", "vertex", derive_api_base=_vertex_base),
-        ProviderSpec("azure", "azure", None, "AZURE_API_KEY"),
-        ProviderSpec("bedrock", "bedrock", derive_api_base=_bedrock_base),
+        ProviderSpec(
+            "anthropic",
+            "anthropic",
+            "https://api.anthropic.com",
+            "ANTHROPIC_API_KEY",
+            api_base_env=("ANTHROPIC_API_BASE", "ANTHROPIC_BASE_URL"),
+        ),
+        ProviderSpec(
+            "gemini",
+            "gemini",
+            "https://generativelanguage.googleapis.com",
+            "GEMINI_API_KEY",
+            api_base_env=("GEMINI_API_BASE",),
+            params=frozenset({"safety_settings"}),
+        ),
+        ProviderSpec(
+            "vertex_ai",
+            "vertex",
+            derive_api_base=_vertex_base,
+            api_base_env=("VERTEXAI_API_BASE", "VERTEX_API_BASE"),
+            params=_VERTEX_PARAMS | {"safety_settings"},
+        ),
+        ProviderSpec(
+            "azure",
+            "azure",
+            None,
+            "AZURE_API_KEY",
+            api_base_env=("AZURE_API_BASE",),
+            params=frozenset({"api_version", "azure_ad_token"}),
+        ),
+        ProviderSpec("bedrock", "bedrock", derive_api_base=_bedrock_base, params=_AWS_PARAMS),
         # OpenAI-compatible servers: same wire format, another base URL and key.
         _compatible("openai_compatible", None),
-        _compatible("hosted_vllm", None),
-        _compatible("vllm", None),
-        _compatible("ollama", "http://localhost:11434/v1"),
-        _compatible("ollama_chat", "http://localhost:11434/v1"),
-        _compatible("lm_studio", "http://localhost:1234/v1"),
-        _compatible("groq", "https://api.groq.com/openai/v1", "GROQ_API_KEY"),
-        _compatible("mistral", "https://api.mistral.ai/v1", "MISTRAL_API_KEY"),
-        _compatible("deepseek", "https://api.deepseek.com/v1", "DEEPSEEK_API_KEY"),
-        _compatible("openrouter", "https://openrouter.ai/api/v1", "OPENROUTER_API_KEY"),
-        _compatible("together_ai", "https://api.together.xyz/v1", "TOGETHERAI_API_KEY"),
-        _compatible("fireworks_ai", "https://api.fireworks.ai/inference/v1", "FIREWORKS_API_KEY"),
-        _compatible("xai", "https://api.x.ai/v1", "XAI_API_KEY"),
-        _compatible("deepinfra", "https://api.deepinfra.com/v1/openai", "DEEPINFRA_API_KEY"),
-        _compatible("perplexity", "https://api.perplexity.ai", "PERPLEXITYAI_API_KEY"),
+        _compatible("hosted_vllm", None, base_env=("HOSTED_VLLM_API_BASE",)),
+        _compatible("vllm", None, base_env=("VLLM_API_BASE",)),
+        _compatible("ollama", "http://localhost:11434/v1", base_env=("OLLAMA_API_BASE",)),
+        _compatible("ollama_chat", "http://localhost:11434/v1", base_env=("OLLAMA_API_BASE",)),
+        _compatible("lm_studio", "http://localhost:1234/v1", base_env=("LM_STUDIO_API_BASE",)),
+        _compatible("groq", "https://api.groq.com/openai/v1", "GROQ_API_KEY", ("GROQ_API_BASE",)),
+        _compatible(
+            "mistral", "https://api.mistral.ai/v1", "MISTRAL_API_KEY", ("MISTRAL_API_BASE",)
+        ),
+        _compatible(
+            "deepseek", "https://api.deepseek.com/v1", "DEEPSEEK_API_KEY", ("DEEPSEEK_API_BASE",)
+        ),
+        _compatible(
+            "openrouter",
+            "https://openrouter.ai/api/v1",
+            "OPENROUTER_API_KEY",
+            ("OPENROUTER_API_BASE",),
+        ),
+        _compatible(
+            "together_ai",
+            "https://api.together.xyz/v1",
+            "TOGETHERAI_API_KEY",
+            ("TOGETHER_AI_API_BASE",),
+        ),
+        _compatible(
+            "fireworks_ai",
+            "https://api.fireworks.ai/inference/v1",
+            "FIREWORKS_API_KEY",
+            ("FIREWORKS_API_BASE", "FIREWORKS_AI_API_BASE"),
+        ),
+        _compatible("xai", "https://api.x.ai/v1", "XAI_API_KEY", ("XAI_API_BASE",)),
+        _compatible(
+            "deepinfra",
+            "https://api.deepinfra.com/v1/openai",
+            "DEEPINFRA_API_KEY",
+            ("DEEPINFRA_API_BASE",),
+        ),
+        _compatible(
+            "perplexity",
+            "https://api.perplexity.ai",
+            "PERPLEXITYAI_API_KEY",
+            ("PERPLEXITY_API_BASE",),
+        ),
     )
 }
 

@@ -26,6 +26,7 @@ from llmux_extproc.providers.base import (
     UpstreamRequest,
     UpstreamResult,
 )
+from llmux_extproc.providers.registry import vertex_location
 
 if TYPE_CHECKING:
     from llmux_extproc.control.config import Deployment
@@ -56,9 +57,8 @@ def project(dep: Deployment) -> str:
 
 
 def location(dep: Deployment) -> str:
-    # The same default as the registry's host derivation, so path and host always agree.
-    value = dep.params.get("vertex_location") or os.environ.get("VERTEXAI_LOCATION")
-    return str(value) if value else "us-central1"
+    # The registry's host derivation, so path and host always agree.
+    return vertex_location(dep.params, os.environ)
 
 
 def model_path(dep: Deployment, publisher: str, method: str) -> str:
