@@ -182,11 +182,39 @@ class Fields:
         return sorted(set(self.body) - self.used)
 
 
+# Stored as LiteLLM stores them (LiteLLM reads them back), not enforced by LLMux yet: rate
+# limits and budgets come with the next slices of docs/architecture.md's design.
+NOT_ENFORCED = frozenset(
+    {
+        "rpm_limit",
+        "tpm_limit",
+        "max_parallel_requests",
+        "model_rpm_limit",
+        "model_tpm_limit",
+        "max_budget",
+        "soft_budget",
+        "budget_duration",
+        "budget_id",
+        "model_max_budget",
+        "aliases",
+        "allowed_routes",
+        "allowed_cache_controls",
+        "permissions",
+        "guardrails",
+    }
+)
+
+
 def _ignored(fields: Fields, path: str, answer: Answer) -> Answer:
+    """Name what the request asked for that LLMux does not do (yet), in headers and logs."""
     ignored = fields.ignored()
     if ignored:
         log.warning("%s: fields LLMux does not support were ignored: %s", path, ignored)
         answer.headers["x-llmux-ignored-fields"] = ",".join(ignored)
+    stored = sorted(NOT_ENFORCED & fields.used & fields.body.keys())
+    if stored:
+        log.warning("%s: stored, not enforced by LLMux yet: %s", path, stored)
+        answer.headers["x-llmux-not-enforced-fields"] = ",".join(stored)
     return answer
 
 
