@@ -370,7 +370,7 @@ def test_database_down_cached_keys_work_new_keys_get_503(
     assert "key database unavailable" in gateway.log()
 
 
-def test_litellm_startup_log(gateway: Gateway) -> None:
+def test_schema_is_migrated_at_start(gateway: Gateway) -> None:
     assert (
         "database schema up to date (0001_litellm_tables.sql, 0002_auth_notify.sql applied)"
         in gateway.log()
