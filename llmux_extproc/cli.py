@@ -43,6 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     p_ext.add_argument("--listen", required=True, help="unix:/path or host:port")
     p_ext.add_argument("--watch", action="store_true", help="reload when the config file changes")
 
+    p_db = sub.add_parser("db", help="the virtual-key database (PostgreSQL)")
+    db_sub = p_db.add_subparsers(dest="db_command", required=True)
+    p_migrate = db_sub.add_parser(
+        "migrate", help="create or update LLMux's tables (LiteLLM's schema, a subset)"
+    )
+    p_migrate.add_argument(
+        "--config", help="config file (general_settings.database_url); else DATABASE_URL"
+    )
+
     args = parser.parse_args(argv)
     _setup_logging()
     try:
@@ -97,4 +106,25 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_worker(args.config, args.listen, watch=args.watch)
         return 0
+    if args.command == "db":
+        return _migrate(args.config)
     raise AssertionError(args.command)
+
+
+def _migrate(config_path: str | None) -> int:
+    from llmux_extproc.db.migrate import MigrationError, migrate
+
+    config = load_config(config_path)
+    if not config.database_url:
+        print(
+            "llmux: no database configured: set general_settings.database_url or DATABASE_URL",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        applied = migrate(config.database_url)
+    except MigrationError as exc:
+        print(f"llmux: {exc}", file=sys.stderr)
+        return 1
+    print(f"applied: {', '.join(applied)}" if applied else "database schema up to date")
+    return 0

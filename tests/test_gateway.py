@@ -202,3 +202,45 @@ def test_an_attempt_that_keeps_the_body_resets_its_length(gateway: Gateway) -> N
         for h in forward(fwd).request_body.response.header_mutation.set_headers
     }
     assert headers["content-length"] == str(len(raw))
+
+
+def test_virtual_keys_hit_the_cache_or_wait_for_one_query(gateway: Gateway) -> None:
+    """A cached key is answered at once (its team in the context); an uncached one is a
+    Pending answer; management paths need the master key. The store is never opened: a
+    query would fail, which the uncached key shows as a 503."""
+    from llmux_extproc.dataplane.gateway import Pending
+    from llmux_extproc.db.keystore import KeyStore
+    from llmux_extproc.policy.keys import ModelScope, Principal, hash_key
+
+    gateway.keys = KeyStore("postgresql://nobody@127.0.0.1:1/none", 10)
+    key = "sk-cached-key-0123456789"
+    principal = Principal(
+        token=hash_key(key), team_id="team-1", key_alias="ci", models=ModelScope.parse(["gpt"])
+    )
+    gateway.keys.cache.put(principal.token, principal)
+    caller = gateway.on_headers("POST", "/v1/chat/completions", {"authorization": f"Bearer {key}"})
+    assert isinstance(caller, Caller) and caller.principal is principal
+    assert (caller.team, caller.key_alias, caller.admin) == ("team-1", "ci", False)
+    again = gateway.on_headers("POST", "/v1/chat/completions", {"authorization": f"Bearer {key}"})
+    assert again is caller  # built once per cached principal
+    models = gateway.on_headers("GET", "/v1/models", {"authorization": f"Bearer {key}"})
+    assert isinstance(models, Immediate)
+    assert [m["id"] for m in orjson.loads(models.body)["data"]] == ["gpt"]
+    raw = body(model="mock")
+    ctx = RequestContext(caller, attempt(gateway, raw).attempt)
+    denied = asyncio.run(gateway.on_body("/v1/chat/completions", raw, ctx))
+    assert isinstance(denied, Immediate) and denied.status == 403
+    manage = gateway.on_headers("POST", "/key/generate", {"authorization": f"Bearer {key}"})
+    assert isinstance(manage, Immediate) and manage.status == 403
+    assert gateway.on_headers("POST", "/key/generate", AUTH).admin  # type: ignore[union-attr]
+
+    pending = gateway.on_headers("POST", "/v1/chat/completions", {"authorization": "Bearer sk-new"})
+    assert isinstance(pending, Pending)
+
+    async def resolve() -> Immediate | Caller:
+        assert isinstance(pending, Pending)
+        return await pending.answer
+
+    answer = asyncio.run(resolve())
+    assert isinstance(answer, Immediate) and answer.status == 503
+    assert orjson.loads(answer.body)["error"]["type"] == "service_unavailable_error"

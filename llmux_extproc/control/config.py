@@ -190,6 +190,15 @@ class Config:
     router: RouterSettings
     drop_params: bool
     warnings: tuple[str, ...] = ()
+    # LiteLLM's general_settings.database_url, else DATABASE_URL: virtual keys and teams
+    # (docs/architecture.md, Keys, limits and budgets). None: the master key alone.
+    database_url: str | None = field(default=None, repr=False)
+    # general_settings.user_api_key_cache_ttl: how often each worker re-reads its cached
+    # keys, the bound on a change whose notification was lost.
+    key_cache_ttl_s: float = 10.0
+    # Apply LLMux's migrations at `llmux run` start (LiteLLM: disable_prisma_schema_update,
+    # DISABLE_SCHEMA_UPDATE turn it off).
+    schema_update: bool = True
 
     @property
     def routing_strategy(self) -> str:
@@ -336,6 +345,22 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         if not master_key:
             raise ConfigError("general_settings.master_key: is empty")
 
+    database_url = general.get("database_url")
+    if database_url is not None:
+        database_url = _resolve_secret(database_url, "general_settings.database_url", env)
+    else:
+        database_url = env.get("DATABASE_URL") or None
+    if database_url is not None and master_key is None:
+        warnings.append(
+            "general_settings.database_url: virtual keys need general_settings.master_key; "
+            "without it every request is let through and the management API is off"
+        )
+    ttl = general.get("user_api_key_cache_ttl", 10.0)
+    key_cache_ttl = _positive(ttl, "general_settings.user_api_key_cache_ttl")
+    schema_update = not bool(general.get("disable_prisma_schema_update", False)) and env.get(
+        "DISABLE_SCHEMA_UPDATE", ""
+    ).lower() not in ("1", "true", "yes")
+
     settings = _parse_settings(_mapping(raw.get("llmux"), "llmux"))
     model_list = raw.get("model_list") or []
     if not isinstance(model_list, list):
@@ -369,6 +394,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         router=router_settings,
         drop_params=drop_params,
         warnings=tuple(warnings),
+        database_url=database_url,
+        key_cache_ttl_s=key_cache_ttl,
+        schema_update=schema_update,
     )
 
 

@@ -365,7 +365,7 @@ _INTERNAL_HEADERS = (RETRY_HEADER, MARKS_HEADER, "x-llmux-cluster", "x-llmux-str
 
 
 def _extra_routes() -> list[dict[str, Any]]:
-    """Routes the processor never sees: health and metrics."""
+    """Routes beside the API's: health, metrics, the management API."""
     json_ct = [{"header": {"key": "content-type", "value": "application/json"}}]
     table: list[dict[str, Any]] = [
         {
@@ -391,6 +391,15 @@ def _extra_routes() -> list[dict[str, Any]]:
             "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "10s"},
         }
     )
+    # LiteLLM's key and team management API: answered by the processor (behind the master
+    # key) from PostgreSQL, GET and POST alike.
+    for prefix in ("/key/", "/team/"):
+        table.append(
+            {
+                "match": {"prefix": prefix},
+                "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "30s"},
+            }
+        )
     table.append({"match": {"path": "/metrics"}, "route": {"cluster": METRICS_CLUSTER}})
     return table
 

@@ -652,6 +652,31 @@ def _check_reloadable(old: Config, new: Config) -> None:
                 f"llmux.{key}: changing it needs a restart of llmux run (from "
                 f"{getattr(old.settings, field)!s} to {getattr(new.settings, field)!s})"
             )
+    # Each worker holds a pool and a listener on the database it started with.
+    if old.database_url != new.database_url:
+        raise ConfigError("general_settings.database_url: changing it needs a restart of llmux run")
+    if (old.master_key is None) != (new.master_key is None) and new.database_url:
+        raise ConfigError(
+            "general_settings.master_key: setting or removing it with a database needs a restart"
+        )
+
+
+def migrate_at_start(dsn: str) -> None:
+    """LiteLLM migrates its schema at start (unless disable_prisma_schema_update); so does
+    LLMux. A database that is down must not keep the gateway from serving the master key:
+    the failure is logged and virtual keys get 503 until it is back and migrated."""
+    from llmux_extproc.db.migrate import MigrationError, migrate
+
+    try:
+        applied = migrate(dsn, connect_timeout=5)
+    except MigrationError as exc:
+        log.error(
+            "database migrations not applied (%s); virtual keys get 503 until the database is"
+            " reachable and migrated (`llmux db migrate`)",
+            exc,
+        )
+        return
+    log.info("database schema up to date%s", f" ({', '.join(applied)} applied)" if applied else "")
 
 
 def run(config_path: str | None) -> int:
@@ -671,6 +696,8 @@ def run(config_path: str | None) -> int:
         raise ConfigError("llmux.metrics: must be host:port")
     metrics.serve(m.host or "127.0.0.1", m.port or 9464)
     started = time.monotonic()
+    if config.database_url and config.schema_update:
+        migrate_at_start(config.database_url)
     try:
         sup.start()
         log.info(

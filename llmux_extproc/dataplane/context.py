@@ -10,17 +10,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmux_extproc.control.config import Deployment
+from llmux_extproc.policy.keys import Principal
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is calling. Until virtual keys bring more, every caller is team `default`."""
+    """Who is calling: the master key (or no key, without one) is team `default`; a virtual
+    key is its principal, as cached (team id, user, alias, allowed models, limits)."""
 
     team: str = "default"
-    key_alias: str | None = None
+    key_alias: str | None = None  # the key's alias or LiteLLM's `sk-...abcd` name, never the key
+    user_id: str | None = None
+    principal: Principal | None = None
+    admin: bool = False  # the master key: may call the management API
+
+    @classmethod
+    def of(cls, principal: Principal) -> Caller:
+        return cls(principal.team_id or "default", principal.label, principal.user_id, principal)
 
 
 DEFAULT_CALLER = Caller()
+MASTER_CALLER = Caller(admin=True)
 
 
 @dataclass(frozen=True, slots=True)

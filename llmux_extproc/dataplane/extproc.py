@@ -41,6 +41,7 @@ from llmux_extproc.dataplane.gateway import (
     Gateway,
     Immediate,
     PassThrough,
+    Pending,
     ResponseAction,
     StreamSession,
     attempt_headers,
@@ -245,7 +246,10 @@ class _HttpStream:
         if kind == "request_body":
             assert self.ctx is not None
             decision = await self.gateway.on_body(
-                self.headers.get(":path", ""), msg.request_body.body, self.ctx
+                self.headers.get(":path", ""),
+                msg.request_body.body,
+                self.ctx,
+                self.headers.get(":method", "POST"),
             )
             if isinstance(decision, Immediate):
                 return immediate(decision)
@@ -269,13 +273,16 @@ class _HttpStream:
         if path is not None:
             self.headers[":path"] = path
         path = self.headers.get(":path", "")
-        answer = self.gateway.on_headers(self.headers.get(":method", ""), path, keys)
+        method = self.headers.get(":method", "")
+        answer = self.gateway.on_headers(method, path, keys)
+        if isinstance(answer, Pending):  # a key not cached yet: one database query
+            answer = await answer.answer
         if isinstance(answer, Immediate):
             return immediate(answer)
         self.ctx = self._context(answer, host_deployment(msg))
         if headers.end_of_stream:
             # No body will follow (an empty POST): the body phase would never run.
-            decision = await self.gateway.on_body(path, b"", self.ctx)
+            decision = await self.gateway.on_body(path, b"", self.ctx, method)
             if isinstance(decision, Immediate):
                 return immediate(decision)
         return _HEADERS_CONTINUE

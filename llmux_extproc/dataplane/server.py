@@ -86,6 +86,12 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
             Path(runtime_dir, "bulkheads"), int(worker), config.settings.workers
         )
         gateway.report_tokens = TokenReporter(Path(runtime_dir, TOKENS_SOCKET))
+    if config.database_url and config.master_key:
+        from llmux_extproc.db.keystore import KeyStore
+
+        # Changing database_url needs a restart (the supervisor refuses it as a reload).
+        gateway.keys = KeyStore(config.database_url, config.key_cache_ttl_s)
+        await gateway.keys.start()
     server = grpc.aio.server(options=grpc_options())
     add_ExternalProcessorServicer_to_server(Processor(gateway), server)
     add_AccessLogServiceServicer_to_server(StreamAccounting(gateway), server)
@@ -129,6 +135,8 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
     # in-flight exchanges finish: Envoy drains before the supervisor stops us.
     await health.enter_graceful_shutdown()
     await server.stop(grace=5)
+    if gateway.keys is not None:
+        await gateway.keys.close()
 
 
 def run_worker(config_path: str | None, address: str, *, watch: bool) -> None:

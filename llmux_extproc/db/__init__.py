@@ -1,0 +1,1 @@
+"""PostgreSQL: LiteLLM's schema (a subset), its migrations, the key store, the management API."""
