@@ -253,8 +253,10 @@ def _readme_config() -> str:
 def test_readme_example_parses_as_meant(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-readme")
     monkeypatch.setenv("LLMUX_MASTER_KEY", "master")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://llmux@db.example/llmux")
     text = _readme_config()
     config = parse_config(text)
+    assert config.database_url == "postgresql://llmux@db.example/llmux"
     s = config.settings
     assert (str(s.listen), str(s.admin), str(s.metrics)) == (
         "0.0.0.0:4000",
