@@ -35,6 +35,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     p_envoy.add_argument("config", nargs="?")
     p_envoy.add_argument("--runtime-dir", default="/run/llmux", help="where sockets would live")
+    p_envoy.add_argument(
+        "--mode",
+        choices=("standalone", "mesh"),
+        default="standalone",
+        help="standalone: what `llmux run` gives Envoy; mesh: for your own Envoy, calling "
+        "`llmux extproc` processes at --extproc",
+    )
+    p_envoy.add_argument(
+        "--extproc", help="mesh: the processors' gRPC address, host:port (a Service name)"
+    )
+    p_envoy.add_argument(
+        "--sink-port", type=int, default=19902, help="mesh: a free loopback port Envoy may use"
+    )
 
     p_ext = sub.add_parser(
         "extproc", help="run one ext_proc server (sidecar use, or under llmux run)"
@@ -98,7 +111,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from llmux_extproc.control.envoy_config import RuntimePaths, bootstrap
 
         config = load_config(args.config)
-        doc = bootstrap(config, RuntimePaths(Path(args.runtime_dir)), static_clusters=True)
+        if args.mode == "mesh":
+            from llmux_extproc.control.mesh import mesh_bootstrap
+
+            if not args.extproc:
+                print("llmux envoy-config: --mode mesh needs --extproc host:port", file=sys.stderr)
+                return 2
+            doc = mesh_bootstrap(config, args.extproc, args.sink_port)
+        else:
+            doc = bootstrap(config, RuntimePaths(Path(args.runtime_dir)), static_clusters=True)
         print(yaml.safe_dump(doc, sort_keys=False), end="")
         return 0
     if args.command == "extproc":

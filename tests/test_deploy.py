@@ -127,6 +127,7 @@ def test_mesh_runs_only_the_processor_with_grpc_health() -> None:
     assert container["image"].startswith("ghcr.io/llmux/llmux-extproc:")
     assert container["args"][:1] == ["extproc"]
     assert container["readinessProbe"]["grpc"] == {"port": 50051}
+    assert by_kind(docs, "Service")["spec"]["clusterIP"] == "None"  # one DNS record per pod
     assert by_kind(docs, "Service")["spec"]["ports"] == [
         {"name": "grpc", "port": 50051, "targetPort": "grpc", "appProtocol": "grpc"}
     ]
