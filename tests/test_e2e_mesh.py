@@ -9,14 +9,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
 import yaml
 from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmux_extproc.control.envoy_binary import find_envoy
+from tests.certs import Authority
 from tests.harness import MockUpstream, free_port, json_response, openai_chat_completion
 
 pytestmark = pytest.mark.e2e
@@ -45,9 +49,22 @@ def upstream() -> Iterator[MockUpstream]:
     mock.stop()
 
 
-@pytest.fixture(scope="module")
-def mesh(upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest.fixture(scope="module", params=["plaintext", "mtls"])
+def mesh(
+    request: pytest.FixtureRequest, upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The same mesh twice: the processor's gRPC in plaintext, and over mutual TLS (the
+    processor requires a client certificate its CA signed; Envoy checks the processor's)."""
     tmp = tmp_path_factory.mktemp("mesh")
+    envoy_tls: list[str] = []
+    processor_tls: list[str] = []
+    if request.param == "mtls":
+        ca = Authority(tmp)
+        server, client = ca.issue("processor", server=True), ca.issue("envoy", server=False)
+        processor_tls = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
+        processor_tls += ["--tls-client-ca", str(ca.pem.cert)]
+        envoy_tls = ["--extproc-tls-ca", str(ca.pem.cert)]
+        envoy_tls += ["--extproc-tls-cert", str(client.cert), "--extproc-tls-key", str(client.key)]
     port, admin, grpc_port = free_port(), free_port(), free_port()
     config = {
         "model_list": [
@@ -79,6 +96,7 @@ def mesh(upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> It
             f"localhost:{grpc_port}",
             "--sink-port",
             str(free_port()),
+            *envoy_tls,
         ],
         capture_output=True,
         text=True,
@@ -87,7 +105,15 @@ def mesh(upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> It
     envoy_config.write_text(generated.stdout)
     log = (tmp / "processes.log").open("wb")
     processor = subprocess.Popen(
-        [*llmux, "extproc", "--config", str(config_path), "--listen", f"127.0.0.1:{grpc_port}"],
+        [
+            *llmux,
+            "extproc",
+            "--config",
+            str(config_path),
+            "--listen",
+            f"127.0.0.1:{grpc_port}",
+            *processor_tls,
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -108,12 +134,24 @@ def mesh(upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> It
             ),
             "the mesh Envoy and processor",
         )
+        if request.param == "mtls":
+            refuses_a_client_without_a_certificate(grpc_port, ca.pem.cert)
         yield base
     finally:
         for p in (envoy, processor):
             p.terminate()
             p.wait(20)
         log.close()
+
+
+def refuses_a_client_without_a_certificate(port: int, ca: Path) -> None:
+    """With TLS on, the processor answers only clients that show a certificate its CA
+    signed: a channel that trusts the server but brings no certificate is refused."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+    with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError):
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
 
 
 def test_the_mesh_configuration_is_the_standalone_one_without_the_supervisor() -> None:

@@ -14,6 +14,7 @@ Derived from the same function as the stand-alone config, so the two cannot drif
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,41 @@ WITHOUT_SUPERVISOR = (
 )
 
 
-def mesh_bootstrap(config: Config, extproc: str, sink_port: int = 19902) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class ProcessorTls:
+    """How Envoy reaches processors that serve TLS (`llmux extproc --tls-cert`): the CA
+    that signed their certificate, and Envoy's own certificate when they require one."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+
+    def transport_socket(self, sni: str) -> dict[str, Any]:
+        context: dict[str, Any] = {
+            "validation_context": {"trusted_ca": {"filename": self.ca}},
+            "alpn_protocols": ["h2"],
+        }
+        if self.cert and self.key:
+            context["tls_certificates"] = [
+                {
+                    "certificate_chain": {"filename": self.cert},
+                    "private_key": {"filename": self.key},
+                }
+            ]
+        return {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": sni,
+                "common_tls_context": context,
+            },
+        }
+
+
+def mesh_bootstrap(
+    config: Config, extproc: str, sink_port: int = 19902, tls: ProcessorTls | None = None
+) -> dict[str, Any]:
     """An Envoy bootstrap whose ext_proc filter calls the processors at `extproc`
     (`host:port`; a DNS name such as a headless Kubernetes Service is resolved by Envoy,
     one endpoint per pod). `sink_port`: a free loopback port for Envoy's internal sink
@@ -41,7 +76,7 @@ def mesh_bootstrap(config: Config, extproc: str, sink_port: int = 19902) -> dict
     )
     resources = doc["static_resources"]
     resources["clusters"] = [
-        _remote_processors(c, target.host, target.port)
+        _remote_processors(c, target.host, target.port, tls)
         if c["name"] == envoy_routing.EXTPROC_CLUSTER
         else c
         for c in resources["clusters"]
@@ -59,9 +94,13 @@ def mesh_bootstrap(config: Config, extproc: str, sink_port: int = 19902) -> dict
     return doc
 
 
-def _remote_processors(cluster: dict[str, Any], host: str, port: int) -> dict[str, Any]:
+def _remote_processors(
+    cluster: dict[str, Any], host: str, port: int, tls: ProcessorTls | None
+) -> dict[str, Any]:
     address = {"socket_address": {"address": host, "port_value": port}}
+    extra = {"transport_socket": tls.transport_socket(host)} if tls else {}
     return {
+        **extra,
         **cluster,
         "type": "STRICT_DNS",
         # `localhost` and dual-stack names resolve to ::1 first under Envoy's default (AUTO),
