@@ -296,6 +296,24 @@ LITELLM_ROUTER_KEYS = {
     "disable_cooldowns",
 }
 LITELLM_KEYS = {"drop_params", *LITELLM_ROUTER_KEYS}
+# The `llmux:` section (docs/configuration.md lists each; a test holds them to it).
+LLMUX_KEYS = {
+    "listen",
+    "admin",
+    "metrics",
+    "workers",
+    "runtime_dir",
+    "request_timeout",
+    "stream_idle_timeout",
+    "stream_accounting",
+    "connect_timeout",
+    "max_request_body_bytes",
+    "max_response_body_bytes",
+    "access_log",
+    "reload_poll_interval",
+    "drain_timeout",
+    "circuit_breaker",
+}
 KNOWN_SECTIONS = {
     "model_list",
     "router_settings",
@@ -668,26 +686,9 @@ def _check_host(host: str, api_base: str, where: str) -> None:
 
 
 def _parse_settings(raw: dict[str, Any]) -> Settings:
-    known = {
-        "listen",
-        "admin",
-        "metrics",
-        "workers",
-        "runtime_dir",
-        "request_timeout",
-        "stream_idle_timeout",
-        "stream_accounting",
-        "connect_timeout",
-        "max_request_body_bytes",
-        "max_response_body_bytes",
-        "access_log",
-        "reload_poll_interval",
-        "drain_timeout",
-        "circuit_breaker",
-    }
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - LLMUX_KEYS)
     if unknown:
-        raise ConfigError(f"llmux: unknown setting(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"llmux: unknown setting(s) {unknown}; known: {sorted(LLMUX_KEYS)}")
     workers = _int(raw.get("workers", 1), "llmux.workers")
     if not 1 <= workers <= 64:
         raise ConfigError("llmux.workers: must be between 1 and 64")
