@@ -208,6 +208,10 @@ class Supervisor:
         # Created here, not in __init__: it imports the metrics, which must come after
         # PROMETHEUS_MULTIPROC_DIR is set (run()).
         self.control = ControlPlane(self.config, self.paths.sink_port, self.push_clusters)
+        from llmux_extproc.observability import metrics
+
+        for process in ("worker", "envoy"):  # at 0 from the start: rate() and alerts see them
+            metrics.RESTARTS.labels(process)
         asyncio.run(self.control.resolve())
         for host in self.control.unresolved():
             log.warning("provider host %s does not resolve yet; Envoy resolves it", host)
@@ -305,6 +309,7 @@ class Supervisor:
                     f" in {delay:.2f}s (crash loop)" if delay else "",
                 )
             if restarts.due is not None and now >= restarts.due:
+                self._count_restart("worker")
                 self.workers[i] = self._spawn_worker(i)
                 restarts.started, restarts.due = now, None
                 log.info("ext_proc worker %d restarted: pid %d", i, self.workers[i].pid)
@@ -338,10 +343,17 @@ class Supervisor:
                 f" in {delay:.2f}s (crash loop)" if delay else "",
             )
         if restarts.due is not None and now >= restarts.due and not self.draining:
+            self._count_restart("envoy")
             self.envoy = self._spawn_envoy()
             restarts.started, restarts.due = now, None
             log.info("Envoy restarted: pid %d", self.envoy.pid)
         return None
+
+    @staticmethod
+    def _count_restart(process: str) -> None:
+        from llmux_extproc.observability import metrics
+
+        metrics.RESTARTS.labels(process).inc()
 
     # -- reload --------------------------------------------------------------------
 
