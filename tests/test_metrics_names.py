@@ -37,7 +37,7 @@ model_list:
 
 
 def exposed() -> str:
-    return generate_latest(REGISTRY).decode()
+    return str(generate_latest(REGISTRY).decode())
 
 
 def samples(text: str, name: str) -> list[str]:
