@@ -387,7 +387,11 @@ def outcome_from_entry(entry: Any) -> tuple[Outcome, str] | None:
         return None
     priority, _, dep_id = tag.partition("|")
     kind = "fallback" if priority not in ("", "0") else "first"
-    if kind == "first" and common.upstream_request_attempt_count > 1:
+    attempt = common.upstream_request_attempt_count
+    if attempt <= 1:  # Envoy 1.40's upstream log: see the llmux_attempt tag (envoy_config.py)
+        header = common.custom_tags.get("llmux_attempt", "")
+        attempt = int(header) if header.isdigit() else 1
+    if kind == "first" and attempt > 1:
         kind = "retry"
     if flags.upstream_request_timeout or flags.upstream_connection_failure:
         status = 0
