@@ -8,12 +8,14 @@ Also: hostile model names, paths and keys do not add a single series."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from tests.harness import (
     MockUpstream,
     free_port,
     json_response,
+    metric,
     openai_chat_completion,
     running_gateway,
     worker_pid,
@@ -51,6 +54,11 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*", "${datasource}": 
 
 async def failing(request: web.Request, body: bytes) -> web.StreamResponse:
     return json_response({"error": {"message": "overloaded", "type": "server_error"}}, 503)
+
+
+async def stalling(request: web.Request, body: bytes) -> web.StreamResponse:
+    await asyncio.sleep(30)
+    return json_response({"error": {"message": "too late", "type": "server_error"}}, 500)
 
 
 async def answering(request: web.Request, body: bytes) -> web.StreamResponse:
@@ -222,6 +230,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "good": MockUpstream(answering).start(),
         "good2": MockUpstream(answering).start(),
         "bad": MockUpstream(failing).start(),
+        "stalling": MockUpstream(stalling).start(),
         "anthropic": MockUpstream(ma.AnthropicMock()).start(),
     }
     config = {
@@ -231,6 +240,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             _openai("chat-b", "b-down", ups["bad"]),
             _openai("broken", "broken-1", ups["bad"]),
             _openai("spare", "spare-1", ups["good2"]),
+            _openai("slow", "slow-1", ups["stalling"]),
             {
                 "model_name": "claude",
                 "litellm_params": {
@@ -410,3 +420,34 @@ def test_hostile_model_names_paths_and_keys_add_no_series(env: Env) -> None:
     after, envoy_after = _series(gw.metrics()), _series(httpx.get(admin, timeout=10).text)
     assert after - before == set(), sorted(after - before)[:10]
     assert envoy_after - envoy_before == set(), sorted(envoy_after - envoy_before)[:10]
+
+
+def test_a_worker_killed_mid_request_leaves_no_open_stream_behind(env: Env) -> None:
+    """prometheus_client sums a dead process's last gauge values unless told it died."""
+    gw = env.gateway
+
+    def open_streams() -> float:
+        return metric(gw.metrics(), "llmux_open_streams")
+
+    answers: list[int] = []
+
+    def slow_request() -> None:
+        body = orjson.dumps({"model": "slow", "messages": MESSAGES})
+        headers = {"authorization": f"Bearer {MASTER}"}
+        reply = httpx.post(
+            f"{gw.base_url}/v1/chat/completions", content=body, headers=headers, timeout=60
+        )
+        answers.append(reply.status_code)
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    _wait("the slow request open in a worker", lambda: open_streams() >= 1, 30)
+    pids = [worker_pid(gw, i) for i in (0, 1)]
+    for pid in pids:  # whichever holds it
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+    thread.join(60)
+    assert answers == [503]  # OpenAI-shaped, from Envoy's ext_proc status_on_error
+    _wait("both workers back", lambda: all(worker_pid(gw, i) not in (None, *pids) for i in (0, 1)))
+    _wait("LLMux ready again", lambda: _ready(gw), 30)
+    assert open_streams() == 0

@@ -300,6 +300,7 @@ class Supervisor:
             restarts = self._worker_restarts[i]
             if restarts.due is None and proc.poll() is not None:
                 delay = restarts.died(now)
+                self._forget_metrics_of(proc.pid)
                 log.error(
                     "ext_proc worker %d (pid %d) died (%s); restarting it on %s%s",
                     i,
@@ -348,6 +349,16 @@ class Supervisor:
             restarts.started, restarts.due = now, None
             log.info("Envoy restarted: pid %d", self.envoy.pid)
         return None
+
+    @staticmethod
+    def _forget_metrics_of(pid: int) -> None:
+        """Drop a dead worker's live gauges (open streams, tasks): prometheus_client keeps
+        summing its last values otherwise, so a worker killed mid-request counted its
+        streams as open for ever. Its counters stay: totals never go back."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
     @staticmethod
     def _count_restart(process: str) -> None:
