@@ -267,18 +267,18 @@ def deployment_labels(dep: Deployment) -> tuple[str, str, str, str]:
 # The labelled children of one (deployment, operation, caller): looking them up costs
 # ~1 us each in multiprocess mode, and an answer touches up to a dozen. The key holds
 # config values and key-database aliases only, so the cache is as bounded as the labels.
-_children: dict[tuple[str, ...], dict[str, Any]] = {}
+_children: dict[tuple[str, ...], dict[str | int, Any]] = {}
 
 
 def _request_children(
     dep: Deployment, operation: str, caller: tuple[str, str, str], litellm: bool
-) -> dict[str, Any]:
+) -> dict[str | int, Any]:
     key = (dep.id, dep.model_name, dep.provider, dep.model, operation, *caller, str(litellm))
     found = _children.get(key)
     if found is not None:
         return found
     genai = (operation, GENAI_PROVIDERS.get(dep.provider, dep.provider), dep.model_name)
-    children: dict[str, Any] = {
+    children: dict[str | int, Any] = {
         "tokens_in": GENAI_TOKEN_USAGE.labels(*genai, "input"),
         "tokens_out": GENAI_TOKEN_USAGE.labels(*genai, "output"),
         "duration": GENAI_REQUEST_DURATION.labels(*genai, ""),
@@ -327,7 +327,10 @@ def answered(
         c["tokens_out"].observe(usage.completion_tokens)
     if not litellm:
         return
-    LITELLM_REQUESTS.labels(dep.model_name, *caller, str(status)).inc()
+    requests = c.get(status)
+    if requests is None:
+        requests = c[status] = LITELLM_REQUESTS.labels(dep.model_name, *caller, str(status))
+    requests.inc()
     if status >= 400:
         LITELLM_FAILED.labels(dep.model_name, *caller, str(status), exception_class(status)).inc()
     c["l_latency"].observe(seconds)
