@@ -68,6 +68,11 @@ def _quantiles(metric: str, by: str, label_filter: str = "") -> tuple[Query, ...
 
 
 GM = 'gen_ai_request_model=~"$model"'
+TEAM_BUDGET_USED = (
+    "max by (team, team_alias) (llmux_team_spend_usd)"
+    " / max by (team, team_alias) (llmux_team_max_budget_usd > 0)"
+)
+KEY_BUDGET_USED = "max by (key) (llmux_key_spend_usd) / max by (key) (llmux_key_max_budget_usd > 0)"
 
 ROWS: tuple[Row, ...] = (
     Row(
@@ -211,6 +216,23 @@ ROWS: tuple[Row, ...] = (
                         "{{gen_ai_token_type}}",
                     ),
                 ),
+            ),
+        ),
+    ),
+    Row(
+        "Budgets",
+        (
+            Panel(
+                "Budget used by team",
+                "spend / max_budget of each team that has one, from the key database",
+                "percentunit",
+                (Query(TEAM_BUDGET_USED, "{{team_alias}} ({{team}})"),),
+            ),
+            Panel(
+                "Budget used by key",
+                "spend / max_budget of each virtual key that has one (by alias, else key name)",
+                "percentunit",
+                (Query(KEY_BUDGET_USED, "{{key}}"),),
             ),
         ),
     ),
@@ -378,6 +400,22 @@ ALERTS: tuple[Alert, ...] = (
         "2m",
         "critical",
         "Every deployment of {{ $labels.model }} is down",
+    ),
+    Alert(
+        "LLMuxTeamBudgetNearLimit",
+        TEAM_BUDGET_USED,
+        "> 0.8",
+        "0m",
+        "warning",
+        "Team {{ $labels.team_alias }} ({{ $labels.team }}) has spent over 80% of its budget",
+    ),
+    Alert(
+        "LLMuxKeyBudgetNearLimit",
+        KEY_BUDGET_USED,
+        "> 0.8",
+        "0m",
+        "warning",
+        "Key {{ $labels.key }} has spent over 80% of its budget",
     ),
     Alert(
         "LLMuxProcessRestarting",

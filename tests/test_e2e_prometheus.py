@@ -26,6 +26,7 @@ from urllib.parse import quote
 import httpx
 import openai
 import orjson
+import psycopg
 import pytest
 import yaml
 from aiohttp import web
@@ -42,6 +43,7 @@ from tests.harness import (
     running_gateway,
     worker_pid,
 )
+from tests.pg import fresh_database
 
 pytestmark = pytest.mark.e2e
 
@@ -198,11 +200,34 @@ def _wait(what: str, ready: Any, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def _load(gw: Gateway) -> None:
+def _team_with_budget(gw: Gateway, database: str) -> str:
+    """A team and a key with budgets, most of each spent (as LiteLLM's spend columns would
+    say); the key is used by part of the load. Returns the key."""
+    headers = {"authorization": f"Bearer {MASTER}"}
+    with httpx.Client(base_url=gw.base_url, headers=headers, timeout=30) as http:
+        team = http.post(
+            "/team/new", json={"team_id": "ops", "team_alias": "Ops", "max_budget": 10}
+        )
+        assert team.status_code == 200, team.text
+        made = http.post(
+            "/key/generate", json={"team_id": "ops", "key_alias": "ops-ci", "max_budget": 2}
+        )
+        assert made.status_code == 200, made.text
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute('UPDATE "LiteLLM_TeamTable" SET "spend" = 9 WHERE "team_id" = %s', ("ops",))
+        conn.execute(
+            'UPDATE "LiteLLM_VerificationToken" SET "spend" = 0.5 WHERE "key_alias" = %s',
+            ("ops-ci",),
+        )
+    return str(made.json()["key"])
+
+
+def _load(gw: Gateway, team_key: str) -> None:
     """A mix: whole answers and streams on two groups, one with a failing deployment
     (retries, then cooldowns), one falling back to another, a translated provider's
     stream, provider errors that reach the client, and client errors."""
     client = openai.OpenAI(base_url=gw.openai_base, api_key=MASTER, max_retries=0)
+    team = openai.OpenAI(base_url=gw.openai_base, api_key=team_key, max_retries=0)
     for _ in range(6):
         client.chat.completions.create(model="chat-a", messages=MESSAGES)
         client.chat.completions.create(model="chat-b", messages=MESSAGES)
@@ -216,6 +241,8 @@ def _load(gw: Gateway) -> None:
         assert failed.value.status_code == 503
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+        # Translated, so accounted by the processor with its caller: the key's team.
+        team.chat.completions.create(model="claude", messages=MESSAGES)
 
 
 @dataclass
@@ -266,11 +293,23 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("prometheus")
     try:
         with (
-            running_gateway(config, tmp) as gw,
+            fresh_database() as database,
+            running_gateway(
+                {
+                    **config,
+                    "general_settings": {
+                        "master_key": MASTER,
+                        "database_url": database,
+                        "user_api_key_cache_ttl": 1,  # budgets re-read each second
+                    },
+                },
+                tmp,
+            ) as gw,
             running_prometheus(tmp, gw) as prom,
         ):
+            key = _team_with_budget(gw, database)
             _wait("both scrape targets up", lambda: _targets_up(prom))
-            _load(gw)
+            _load(gw, key)
             # A worker killed between two rounds: the restart shows on the dashboard.
             pid = worker_pid(gw, 0)
             assert pid is not None
@@ -278,7 +317,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             _wait("worker 0 restarted", lambda: worker_pid(gw, 0) not in (None, pid), 30)
             _wait("LLMux ready again", lambda: _ready(gw), 30)
             time.sleep(2)  # two scrapes between the rounds, so rates see an increase
-            _load(gw)
+            _load(gw, key)
             time.sleep(3)  # the access-log batches, then a scrape or two
             yield Env(gw, prom)
     finally:
@@ -369,6 +408,30 @@ def test_what_the_load_did_shows_in_prometheus(env: Env) -> None:
     assert value("sum(litellm_spend_metric_total)") > 0
     assert value('sum(litellm_deployment_failure_responses_total{model_id="a-bad"})') > 0
     assert prom.query("litellm_deployment_state")
+    # The virtual key's requests count to its team, and its budgets are read back.
+    assert value('sum(llm_token_usage_total{team="ops",type="input"})') > 0
+    assert value('llmux_team_max_budget_usd{team="ops",team_alias="Ops"}') == 10
+    assert value('llmux_key_spend_usd{key="ops-ci",team="ops"}') == 0.5
+    assert value('litellm_remaining_team_budget_metric{team="ops"}') == 1
+
+
+def test_the_budget_alert_fires_for_the_team_that_spent_most_of_its_budget(env: Env) -> None:
+    (team,) = [a for a in dashboard.ALERTS if a.name == "LLMuxTeamBudgetNearLimit"]
+    assert [r["metric"]["team"] for r in env.prometheus.query(team.expr)] == ["ops"]
+    (key,) = [a for a in dashboard.ALERTS if a.name == "LLMuxKeyBudgetNearLimit"]
+    assert env.prometheus.query(key.expr) == []  # 0.5 of 2 spent: not near
+    _wait(
+        "Prometheus fires the team budget alert",
+        lambda: (
+            [
+                a["labels"]["team"]
+                for a in env.prometheus.api("alerts")["alerts"]
+                if a["labels"]["alertname"] == team.name and a["state"] == "firing"
+            ]
+            == ["ops"]
+        ),
+        30,
+    )
 
 
 def _series(text: str) -> set[str]:

@@ -553,6 +553,9 @@ class Supervisor:
         await control_server.start()
         tokens = await listen_for_tokens(self.control, self.paths.root / TOKENS_SOCKET)
         control = asyncio.create_task(self.control.run(self.paths.deployments))
+        from llmux_extproc.observability import budgets
+
+        budget_metrics = asyncio.create_task(budgets.watch(lambda: self.config))
         try:
             while not stop.is_set():
                 if self.config_path:
@@ -566,6 +569,7 @@ class Supervisor:
         finally:
             watcher.cancel()
             control.cancel()
+            budget_metrics.cancel()
             tokens.close()
             await control_server.stop(grace=None)
 

@@ -92,6 +92,27 @@ BREAKER = Counter(
 # Written by the supervisor: a worker or Envoy that died and was started again.
 RESTARTS = Counter("llmux_process_restarts", "Child processes restarted", ["process"])
 
+# Written by the supervisor from the key database (observability/budgets.py): teams and
+# keys that have a max_budget. `key`: the alias, else LiteLLM's key name; never the key.
+TEAM_BUDGET = Gauge(
+    "llmux_team_max_budget_usd", "Team max_budget", ["team", "team_alias"], multiprocess_mode="max"
+)
+TEAM_SPEND = Gauge(
+    "llmux_team_spend_usd",
+    "Team spend as the key database has it",
+    ["team", "team_alias"],
+    multiprocess_mode="max",
+)
+KEY_BUDGET = Gauge(
+    "llmux_key_max_budget_usd", "Key max_budget", ["key", "team"], multiprocess_mode="max"
+)
+KEY_SPEND = Gauge(
+    "llmux_key_spend_usd",
+    "Key spend as the key database has it",
+    ["key", "team"],
+    multiprocess_mode="max",
+)
+
 # -- OpenTelemetry GenAI semantic conventions, named as an OpenTelemetry Prometheus exporter
 # names them (dots become underscores, the unit `s` a `_seconds` suffix, `{token}` nothing),
 # with the conventions' advisory bucket boundaries. Labels are the conventions' attributes.
@@ -193,6 +214,31 @@ LITELLM_LATENCY_PER_OUTPUT_TOKEN = Histogram(
     "Seconds per output token of streamed answers (LiteLLM's name)",
     [*DEPLOYMENT_LABELS, *CALLER_LABELS],
     buckets=LITELLM_BUCKETS,
+)
+# Supervisor side: budgets from the key database, as TEAM_BUDGET and KEY_BUDGET.
+LITELLM_TEAM_MAX_BUDGET = Gauge(
+    "litellm_team_max_budget_metric",
+    "Maximum budget set for team (LiteLLM's name)",
+    ["team", "team_alias"],
+    multiprocess_mode="max",
+)
+LITELLM_TEAM_REMAINING = Gauge(
+    "litellm_remaining_team_budget_metric",
+    "Remaining budget for team (LiteLLM's name)",
+    ["team", "team_alias"],
+    multiprocess_mode="max",
+)
+LITELLM_KEY_MAX_BUDGET = Gauge(
+    "litellm_api_key_max_budget_metric",
+    "Maximum budget set for api key (LiteLLM's name)",
+    ["api_key_alias"],
+    multiprocess_mode="max",
+)
+LITELLM_KEY_REMAINING = Gauge(
+    "litellm_remaining_api_key_budget_metric",
+    "Remaining budget for api key (LiteLLM's name)",
+    ["api_key_alias"],
+    multiprocess_mode="max",
 )
 # Supervisor side: from every attempt Envoy's upstream log reports.
 LITELLM_DEPLOYMENT_STATE = Gauge(
