@@ -8,9 +8,11 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
 from grafana_foundation_sdk.cog import plugins
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import Dashboard
@@ -19,9 +21,11 @@ from prometheus_client import REGISTRY, generate_latest
 from deploy import dashboard
 from llmux_extproc.accounting.usage import Usage
 from llmux_extproc.control.config import parse_config
+from llmux_extproc.control.controlplane import ControlPlane, outcome_from_entry
 from llmux_extproc.dataplane.context import Caller
 from llmux_extproc.dataplane.gateway import caller_labels
 from llmux_extproc.observability import metrics
+from llmux_extproc.policy.health import Outcome
 from llmux_extproc.policy.keys import Principal
 
 CONFIG = """
@@ -219,3 +223,68 @@ def test_every_query_names_a_metric_llmux_or_envoy_exports() -> None:
     for expr in exprs:
         for name in _metric_names(expr):
             assert name in exported or name.startswith("envoy_"), (name, expr)
+
+
+# -- the supervisor's side ---------------------------------------------------------------
+
+
+def test_an_attempt_is_a_retry_by_its_attempt_header_when_envoy_says_attempt_1() -> None:
+    """Envoy 1.40's upstream log has upstream_request_attempt_count 1 for every try; the
+    x-envoy-attempt-count header, logged as a tag, tells."""
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.common_properties.custom_tags["llmux_host"] = "0|a"
+    entry.response.response_code.value = 503
+    entry.common_properties.upstream_request_attempt_count = 1
+    for header, kind in (("1", "first"), ("3", "retry"), ("", "first"), ("x", "first")):
+        entry.common_properties.custom_tags["llmux_attempt"] = header
+        found = outcome_from_entry(entry)
+        assert found is not None and found[1] == kind, header
+
+
+SECOND = """
+  - model_name: chat-a
+    litellm_params: {model: openai/gpt-4o-mini, api_base: "https://api2.example.com/v1", api_key: k}
+    model_info: {id: cp-a2}
+"""
+
+
+def test_litellm_deployment_metrics_from_the_control_plane(tmp_path: Path) -> None:
+    text = CONFIG.replace("dep-a", "cp-a").replace("dep-b", "cp-b") + SECOND
+    text += "router_settings: {cooldown_time: 5}\n"
+    plain = parse_config(text.replace("cp-", "cq-"), "t")
+    ControlPlane(plain, 1, lambda clusters: None).record(Outcome("cq-a", 503, 0.1, None, False))
+    config = parse_config(text + "litellm_settings: {callbacks: [prometheus]}\n", "t")
+    cp = ControlPlane(config, 1, lambda clusters: None)
+    cp.record(Outcome("cp-b", 200, 0.1, None, False))
+    for _ in range(3):  # a 429 in a group with another deployment: cooled down at once
+        cp.record(Outcome("cp-a", 429, 0.1, None, False))
+    cp.write_states(tmp_path / "states.json")
+    out = exposed()
+    # LiteLLM's names only when asked for (LLMux's own count cq-a's attempt).
+    assert not [line for line in out.splitlines() if line.startswith("litellm_") and "cq-" in line]
+    assert [line for line in out.splitlines() if line.startswith("llmux_") and "cq-a" in line]
+    (success,) = [
+        s for s in samples(out, "litellm_deployment_success_responses_total") if "cp-b" in s
+    ]
+    assert labels_of(success) == {
+        "litellm_model_name": "bedrock/anthropic.claude-3-haiku",
+        "model_id": "cp-b",
+        "api_base": "https://bedrock-runtime.us-east-1.amazonaws.com",
+        "api_provider": "bedrock",
+        "requested_model": "claude",
+    }
+    (failures,) = [
+        s for s in samples(out, "litellm_deployment_failure_responses_total") if 'cp-a"' in s
+    ]
+    assert labels_of(failures)["exception_status"] == "429"
+    assert float(failures.rsplit(" ", 1)[1]) == 3
+    (total,) = [s for s in samples(out, "litellm_deployment_total_requests_total") if 'cp-a"' in s]
+    assert float(total.rsplit(" ", 1)[1]) == 3
+    (cooled,) = [s for s in samples(out, "litellm_deployment_cooled_down_total") if 'cp-a"' in s]
+    assert labels_of(cooled)["exception_status"] == "429"
+    assert float(cooled.rsplit(" ", 1)[1]) == 1
+    states = {
+        labels_of(s)["model_id"]: float(s.rsplit(" ", 1)[1])
+        for s in samples(out, "litellm_deployment_state")
+    }
+    assert states["cp-a"] == 2 and states["cp-b"] == 0 and states["cp-a2"] == 0
