@@ -288,3 +288,140 @@ def test_litellm_deployment_metrics_from_the_control_plane(tmp_path: Path) -> No
         for s in samples(out, "litellm_deployment_state")
     }
     assert states["cp-a"] == 2 and states["cp-b"] == 0 and states["cp-a2"] == 0
+
+
+# Per alert: synthetic series (promtool's expanding notation, one sample a minute), when
+# to look, and the labels of the alert that must fire then. A second, healthy series in
+# each makes sure the rule does not fire for everything.
+ALERT_CASES: dict[str, tuple[dict[str, str], str, list[dict[str, str]]]] = {
+    "LLMuxHighErrorRate": (
+        {
+            'llm_requests_total{model="a",provider="openai",status_code="200"}': "0+60x20",
+            'llm_requests_total{model="a",provider="openai",status_code="503"}': "0+10x20",
+            'llm_requests_total{model="b",provider="openai",status_code="200"}': "0+60x20",
+            'llm_requests_total{model="b",provider="openai",status_code="503"}': "0+1x20",
+        },
+        "15m",
+        [{"model": "a"}],
+    ),
+    "LLMuxUpstreamErrors": (
+        {
+            'llm_upstream_error_total{error_type="api_error"}': "0+120x30",
+            'llm_upstream_error_total{error_type="rate_limit_error"}': "0+30x30",
+        },
+        "20m",
+        [{"error_type": "api_error"}],
+    ),
+    "LLMuxHighLatency": (
+        {
+            'llm_request_latency_seconds_bucket{model="slow",provider="p",le="30"}': "0+1x30",
+            'llm_request_latency_seconds_bucket{model="slow",provider="p",le="60"}': "0+100x30",
+            'llm_request_latency_seconds_bucket{model="slow",provider="p",le="+Inf"}': "0+100x30",
+            'llm_request_latency_seconds_bucket{model="fast",provider="p",le="30"}': "0+100x30",
+            'llm_request_latency_seconds_bucket{model="fast",provider="p",le="60"}': "0+100x30",
+            'llm_request_latency_seconds_bucket{model="fast",provider="p",le="+Inf"}': "0+100x30",
+        },
+        "20m",
+        [{"model": "slow"}],
+    ),
+    "LLMuxSlowFirstToken": (
+        {
+            'gen_ai_server_time_to_first_token_seconds_bucket{gen_ai_request_model="m",le="10"}': "0+1x30",
+            'gen_ai_server_time_to_first_token_seconds_bucket{gen_ai_request_model="m",le="30"}': "0+100x30",
+            'gen_ai_server_time_to_first_token_seconds_bucket{gen_ai_request_model="m",le="+Inf"}': "0+100x30",
+        },
+        "20m",
+        [{"gen_ai_request_model": "m"}],
+    ),
+    "LLMuxDeploymentDown": (
+        {
+            'llmux_deployment_state{deployment="d1",model="g"}': "2x10",
+            'llmux_deployment_state{deployment="d2",model="g"}': "0x10",
+        },
+        "8m",
+        [{"deployment": "d1", "model": "g"}],
+    ),
+    "LLMuxModelGroupDown": (
+        {
+            'llmux_deployment_state{deployment="d1",model="g"}': "2x10",
+            'llmux_deployment_state{deployment="d2",model="g"}': "2x10",
+            'llmux_deployment_state{deployment="d3",model="h"}': "2x10",
+            'llmux_deployment_state{deployment="d4",model="h"}': "0x10",
+        },
+        "5m",
+        [{"model": "g"}],
+    ),
+    "LLMuxTeamBudgetNearLimit": (
+        {
+            'llmux_team_spend_usd{team="t1",team_alias="One"}': "9x5",
+            'llmux_team_max_budget_usd{team="t1",team_alias="One"}': "10x5",
+            'llmux_team_spend_usd{team="t2",team_alias="Two"}': "1x5",
+            'llmux_team_max_budget_usd{team="t2",team_alias="Two"}': "10x5",
+            'llmux_team_spend_usd{team="t3",team_alias="Three"}': "1x5",
+            'llmux_team_max_budget_usd{team="t3",team_alias="Three"}': "0x5",
+        },
+        "2m",
+        [{"team": "t1", "team_alias": "One"}],
+    ),
+    "LLMuxKeyBudgetNearLimit": (
+        {
+            'llmux_key_spend_usd{key="k1",team="t"}': "1.9x5",
+            'llmux_key_max_budget_usd{key="k1",team="t"}': "2x5",
+            'llmux_key_spend_usd{key="k2",team="t"}': "0.1x5",
+            'llmux_key_max_budget_usd{key="k2",team="t"}': "2x5",
+        },
+        "2m",
+        [{"key": "k1"}],
+    ),
+    "LLMuxProcessRestarting": (
+        {
+            'llmux_process_restarts_total{process="worker"}': "0 1 2 3 4 5 6",
+            'llmux_process_restarts_total{process="envoy"}': "0x6",
+        },
+        "6m",
+        [{"process": "worker"}],
+    ),
+}
+
+
+def _summary(template: str, labels: dict[str, str]) -> str:
+    return re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m.group(1)], template)
+
+
+def test_each_alert_fires_on_what_it_is_about_and_not_on_the_rest(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: run `make system` (installs Debian's prometheus package)"
+    assert set(ALERT_CASES) == {a.name for a in dashboard.ALERTS}
+    by_name = {a.name: a for a in dashboard.ALERTS}
+    tests = []
+    for name, (series, at, firing) in ALERT_CASES.items():
+        alert = by_name[name]
+        tests.append(
+            {
+                "interval": "1m",
+                "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                "alert_rule_test": [
+                    {
+                        "eval_time": at,
+                        "alertname": name,
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {**labels, "severity": alert.severity},
+                                "exp_annotations": {"summary": _summary(alert.summary, labels)},
+                            }
+                            for labels in firing
+                        ],
+                    }
+                ],
+            }
+        )
+    test_file = tmp_path / "rules-test.yml"
+    test_file.write_text(
+        json.dumps(
+            {"rule_files": [str(dashboard.RULES_PATH)], "evaluation_interval": "1m", "tests": tests}
+        )
+    )
+    done = subprocess.run(
+        [promtool, "test", "rules", str(test_file)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
