@@ -199,6 +199,9 @@ class Config:
     # Apply LLMux's migrations at `llmux run` start (LiteLLM: disable_prisma_schema_update,
     # DISABLE_SCHEMA_UPDATE turn it off).
     schema_update: bool = True
+    # LiteLLM's Prometheus callback (`litellm_settings.callbacks: ["prometheus"]`): also
+    # export LiteLLM's metric names and labels (observability/metrics.py).
+    litellm_metrics: bool = False
 
     @property
     def routing_strategy(self) -> str:
@@ -446,7 +449,20 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         database_url=database_url,
         key_cache_ttl_s=key_cache_ttl,
         schema_update=schema_update,
+        litellm_metrics=prometheus_callback(litellm),
     )
+
+
+def prometheus_callback(litellm: dict[str, Any]) -> bool:
+    """Whether litellm_settings asks for LiteLLM's Prometheus metrics, in any of the lists
+    LiteLLM reads callbacks from."""
+    for key in ("callbacks", "success_callback", "failure_callback"):
+        names = litellm.get(key) or []
+        if isinstance(names, str):
+            names = [names]
+        if isinstance(names, list) and "prometheus" in names:
+            return True
+    return False
 
 
 def _parse_deployment(
