@@ -298,7 +298,10 @@ LITELLM_ROUTER_KEYS = {
     "cooldown_time",
     "disable_cooldowns",
 }
-LITELLM_KEYS = {"drop_params", *LITELLM_ROUTER_KEYS}
+CALLBACK_KEYS = ("callbacks", "success_callback", "failure_callback")
+# Callback names LLMux honours; any other name in those lists is a warning naming it.
+SUPPORTED_CALLBACKS = {"prometheus"}
+LITELLM_KEYS = {"drop_params", *CALLBACK_KEYS, *LITELLM_ROUTER_KEYS}
 # The `llmux:` section (docs/configuration.md lists each; a test holds them to it).
 LLMUX_KEYS = {
     "listen",
@@ -389,6 +392,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
             f"{section}.{key}: not supported by LLMux, ignored"
             for key in sorted(set(table) - known)
         )
+    for key in CALLBACK_KEYS:
+        names = litellm.get(key) or []
+        warnings.extend(
+            f"litellm_settings.{key}: {name!r} not supported by LLMux, ignored"
+            for name in ([names] if isinstance(names, str) else names)
+            if name not in SUPPORTED_CALLBACKS
+        )
     router_settings = _parse_router(router, litellm, warnings)
 
     master_key = general.get("master_key")
@@ -456,7 +466,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 def prometheus_callback(litellm: dict[str, Any]) -> bool:
     """Whether litellm_settings asks for LiteLLM's Prometheus metrics, in any of the lists
     LiteLLM reads callbacks from."""
-    for key in ("callbacks", "success_callback", "failure_callback"):
+    for key in CALLBACK_KEYS:
         names = litellm.get(key) or []
         if isinstance(names, str):
             names = [names]
