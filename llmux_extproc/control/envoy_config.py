@@ -575,6 +575,36 @@ def _with_protocol_error_replies(local_reply: dict[str, Any]) -> dict[str, Any]:
     return {**local_reply, "mappers": [*_protocol_error_mappers(), *local_reply["mappers"]]}
 
 
+def _request_decompressor() -> dict[str, Any]:
+    """`Content-Encoding: gzip` request bodies are decompressed before anything reads them
+    (json_to_metadata, the processor); any other encoding meets a 415 route
+    (envoy_routing). Before the buffering filters, so max_request_body_bytes bounds the
+    decompressed body: a small gzip bomb still gets 413. Responses are left alone: the
+    processor and response.lua read them as the provider sent them."""
+    return {
+        "name": "envoy.filters.http.decompressor",
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.decompressor.v3.Decompressor",
+            "decompressor_library": {
+                "name": "gzip",
+                "typed_config": {
+                    _TYPE: _T + "envoy.extensions.compression.gzip.decompressor.v3.Gzip",
+                },
+            },
+            "request_direction_config": {
+                "common_config": {"enabled": _ON},
+                # The client's Accept-Encoding goes to the provider unchanged.
+                "advertise_accept_encoding": False,
+            },
+            "response_direction_config": {"common_config": {"enabled": _OFF}},
+        },
+    }
+
+
+_ON = {"default_value": True, "runtime_key": "llmux.request_decompression"}
+_OFF = {"default_value": False, "runtime_key": "llmux.response_decompression"}
+
+
 def _response_lua_filter() -> dict[str, Any]:
     """response.lua: usage, cost headers and the dropped usage chunk for OpenAI-format
     answers the processor handed back to Envoy (see that file)."""
@@ -748,6 +778,7 @@ def bootstrap(
                     },
                 },
             },
+            _request_decompressor(),
             *envoy_routing.request_metadata_filters(),
             # Response order is the reverse: a stream's usage is read (sse_to_metadata)
             # before it is dropped (lua).

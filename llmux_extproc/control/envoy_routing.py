@@ -522,7 +522,7 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
         "safe_regex": {"regex": _api_paths_regex()},
         "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
     }
-    table: list[dict[str, Any]] = []
+    table: list[dict[str, Any]] = [unsupported_encoding_route()]
     for group in config.model_names:
         policy = retry_policy(config, group)
         action: dict[str, Any] = {
@@ -613,6 +613,37 @@ def method_not_allowed(match: dict[str, Any], allow: str) -> dict[str, Any]:
         "response_headers_to_add": [
             {"header": {"key": "content-type", "value": "application/json"}},
             {"header": {"key": "allow", "value": allow}},
+        ],
+    }
+
+
+def unsupported_encoding_route() -> dict[str, Any]:
+    """A request body in an encoding Envoy's decompressor did not undo (it takes gzip and
+    removes the header): 415, never forwarded as it is."""
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": "Content-Encoding is not supported; send the body as it is or "
+                "gzip-compressed.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "415",
+            }
+        }
+    ).decode()
+    encoded = [
+        {"name": "content-encoding", "present_match": True},
+        {
+            "name": "content-encoding",
+            "string_match": {"exact": "identity", "ignore_case": True},
+            "invert_match": True,
+        },
+    ]
+    return {
+        "match": {"prefix": "/", "headers": encoded},
+        "direct_response": {"status": 415, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}}
         ],
     }
 

@@ -417,6 +417,20 @@ class Gateway:
             held = self._admit(dep)
         except GatewayError as err:
             return _error(err)
+        except orjson.JSONEncodeError:
+            # orjson parses 1024 levels of nesting but encodes only 254 (measured): a body
+            # in between parses and then cannot be re-encoded for the provider, whose format
+            # may nest the client's values a few levels deeper. Checked on the failure only,
+            # so a well-formed request pays nothing for it.
+            depth = _nesting(orjson.loads(body))
+            if depth < ENCODE_DEPTH - _PROVIDER_NESTING:
+                raise
+            return _error(
+                bad_request(
+                    f"Request body is nested {depth} levels deep; LLMux forwards at most "
+                    f"{ENCODE_DEPTH - _PROVIDER_NESTING - 1}."
+                )
+            )
         assert dep.upstream is not None
         remove: tuple[str, ...] = ()
         if ctx.attempt.number > 1:
@@ -782,6 +796,26 @@ def attempt_headers(ex: Exchange) -> dict[str, str]:
         "x-litellm-attempted-retries": str(attempt.retries),
         "x-litellm-attempted-fallbacks": str(attempt.priority),
     }
+
+
+# The nesting orjson refuses to encode (arrays or objects inside one another), and the
+# levels a provider's format may add around the client's values.
+ENCODE_DEPTH = 255
+_PROVIDER_NESTING = 8
+
+
+def _nesting(value: Any) -> int:
+    """How deeply arrays and objects are nested in a parsed JSON value (no recursion:
+    the value may be nested deeper than Python's stack allows)."""
+    deepest = 0
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _error(err: GatewayError) -> Immediate:
