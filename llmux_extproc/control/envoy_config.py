@@ -477,7 +477,8 @@ PROTOCOL_ERRORS: dict[str, tuple[int, str]] = {
     ),
     "low_version": (
         426,
-        "LLMux speaks HTTP/1.1 and HTTP/2; HTTP/1.0 and HTTP/0.9 requests are refused.",
+        "This HTTP version is not accepted (HTTP/1.0 and 0.9 are refused); LLMux speaks "
+        "HTTP/1.1 and HTTP/2.",
     ),
     "http1.headers_too_large": (
         431,
@@ -589,6 +590,9 @@ def _request_decompressor() -> dict[str, Any]:
                 "name": "gzip",
                 "typed_config": {
                     _TYPE: _T + "envoy.extensions.compression.gzip.decompressor.v3.Gzip",
+                    # Envoy's default (100) cut JSON padded with whitespace short (measured:
+                    # 60 kB of spaces in 146 bytes); the body limit bounds what inflates.
+                    "max_inflate_ratio": 1032,
                 },
             },
             "request_direction_config": {

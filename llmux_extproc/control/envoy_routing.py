@@ -619,12 +619,14 @@ def method_not_allowed(match: dict[str, Any], allow: str) -> dict[str, Any]:
 
 def unsupported_encoding_route() -> dict[str, Any]:
     """A request body in an encoding Envoy's decompressor did not undo (it takes gzip and
-    removes the header): 415, never forwarded as it is."""
+    removes the header): 415, never forwarded as it is. Also met by a gzip body that does
+    not inflate (corrupt, or beyond the inflate ratio): its JSON cannot be read, so the
+    route chosen on the headers, while they still named the encoding, stands (spike)."""
     body = orjson.dumps(
         {
             "error": {
-                "message": "Content-Encoding is not supported; send the body as it is or "
-                "gzip-compressed.",
+                "message": "Content-Encoding is not supported, or the gzip body could not "
+                "be decompressed; send the body uncompressed or gzip-compressed.",
                 "type": "invalid_request_error",
                 "param": None,
                 "code": "415",

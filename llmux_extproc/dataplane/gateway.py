@@ -403,6 +403,10 @@ class Gateway:
                 if refusal is not None:
                     raise refusal
             dep = ctx.attempt.deployment
+            if dep is None and _nesting(req.body) >= ENCODE_DEPTH - _PROVIDER_NESTING:
+                # Envoy's JSON reader gives up before orjson's (measured: 800 levels read,
+                # 1000 not), so such a body reaches no group.
+                raise _too_deep(_nesting(req.body))
             if dep is None or dep.model_name not in state.answering[req.model]:
                 # Envoy's routes and this worker's config disagree: a reload is under way.
                 raise GatewayError(
@@ -425,12 +429,7 @@ class Gateway:
             depth = _nesting(orjson.loads(body))
             if depth < ENCODE_DEPTH - _PROVIDER_NESTING:
                 raise
-            return _error(
-                bad_request(
-                    f"Request body is nested {depth} levels deep; LLMux forwards at most "
-                    f"{ENCODE_DEPTH - _PROVIDER_NESTING - 1}."
-                )
-            )
+            return _error(_too_deep(depth))
         assert dep.upstream is not None
         remove: tuple[str, ...] = ()
         if ctx.attempt.number > 1:
@@ -802,6 +801,13 @@ def attempt_headers(ex: Exchange) -> dict[str, str]:
 # levels a provider's format may add around the client's values.
 ENCODE_DEPTH = 255
 _PROVIDER_NESTING = 8
+
+
+def _too_deep(depth: int) -> GatewayError:
+    return bad_request(
+        f"Request body is nested {depth} levels deep; LLMux forwards at most "
+        f"{ENCODE_DEPTH - _PROVIDER_NESTING - 1}."
+    )
 
 
 def _nesting(value: Any) -> int:
