@@ -10,12 +10,14 @@ connection reset instead of the answer.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import selectors
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +25,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from llmux_extproc.errors import GatewayError
 from tests.harness import (
     Gateway,
     MockUpstream,
@@ -516,3 +519,40 @@ def test_raw_client_keep_alive_sanity(gateway: Gateway) -> None:
             assert reply.status == 200, reply
             assert orjson.loads(reply.body)["choices"][0]["message"]["content"] == "echo: raw"
         assert not conn.closed
+
+
+def test_management_wrong_method_names_the_allowed_ones() -> None:
+    """/key/* and /team/* are answered by the processor; its 405 carries `Allow` too (the
+    end-to-end path, with PostgreSQL, is in test_e2e_keys.py)."""
+    from llmux_extproc.db import management
+
+    store: Any = None  # the method is checked before the store is used
+    with pytest.raises(management.MethodNotAllowed) as info:
+        asyncio.run(management.handle(store, "GET", "/key/generate", b""))
+    assert info.value.status == 405 and info.value.allow == "POST"
+    with pytest.raises(management.MethodNotAllowed) as info:
+        asyncio.run(management.handle(store, "DELETE", "/key/info?key=x", b""))
+    assert info.value.allow == "GET"
+    with pytest.raises(GatewayError) as unknown:
+        asyncio.run(management.handle(store, "GET", "/key/nothing", b""))
+    assert unknown.value.status == 404
+
+
+def test_management_405_reaches_the_client_with_allow(tmp_path: Path) -> None:
+    from tests.pg import fresh_database
+
+    with fresh_database() as url:
+        config = {
+            "model_list": [{"model_name": "mock", "litellm_params": {"model": "mock/gpt-4o"}}],
+            "general_settings": {"master_key": MASTER_KEY, "database_url": url},
+            "llmux": {"workers": 1},
+        }
+        with running_gateway(config, tmp_path) as gw:
+            resp = httpx.get(f"{gw.base_url}/key/generate", headers=AUTH, timeout=20)
+            assert resp.status_code == 405, resp.text
+            assert resp.headers["allow"] == "POST"
+            assert resp.json()["error"]["code"] == "405"
+            resp = httpx.get(f"{gw.base_url}/key/nothing", headers=AUTH, timeout=20)
+            assert resp.status_code == 404, resp.text
+            resp = httpx.post(f"{gw.base_url}/key/generate", headers=AUTH, json={}, timeout=20)
+            assert resp.status_code == 200, resp.text

@@ -367,6 +367,8 @@ class Gateway:
         assert self.keys is not None
         try:
             answer = await management.handle(self.keys, method, path, body)
+        except management.MethodNotAllowed as err:
+            return Immediate(err.status, err.body(), {"allow": err.allow}, {"error": err.type})
         except GatewayError as err:
             return _error(err)
         return Immediate(answer.status, orjson.dumps(answer.body), answer.headers)
