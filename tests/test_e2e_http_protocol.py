@@ -307,6 +307,7 @@ MALFORMED: list[tuple[str, bytes, int, str]] = [
         403,
         "WebSocket",
     ),
+    ("CONNECT", b"CONNECT llmux:443 HTTP/1.1\r\nHost: llmux:443\r\n\r\n", 403, "CONNECT"),
 ]
 
 

@@ -500,7 +500,10 @@ PROTOCOL_ERRORS: dict[str, tuple[int, str]] = {
         "framing).",
     ),
     "absolute_path_rejected": (404, "The request target must be a path starting with '/'."),
-    "upgrade_failed": (403, "Connection upgrades (WebSocket) are not supported."),
+    "upgrade_failed": (
+        403,
+        "Connection upgrades and tunnels (WebSocket, CONNECT) are not supported.",
+    ),
 }
 # Statuses Envoy answers itself before routing; any reply with one of them that neither the
 # processor (details `llmux`) nor a route (`direct_response`, already OpenAI-shaped) made

@@ -659,6 +659,10 @@ def _wrong_method_routes() -> list[dict[str, Any]]:
     After the routes that take them (the API's POST, the model list's GET), before the
     extra routes, so /metrics and /health get theirs whatever serves the right method."""
     table = [method_not_allowed({"safe_regex": {"regex": _api_paths_regex()}}, "POST")]
+    # CONNECT has no path; without a route for it, it waited for ever in json_to_metadata
+    # (a tunnel's body never ends). With one, Envoy refuses the tunnel at once, since no
+    # CONNECT upgrade is configured: 403 `upgrade_failed` (spike), shaped by envoy_config.
+    table.append(method_not_allowed({"connect_matcher": {}}, "GET, POST"))
     table += [method_not_allowed({"path": p}, "GET") for p in MODEL_LIST_PATHS]
     # The metrics server (prometheus_client) takes GET and OPTIONS, and answers anything
     # else with a plain-text 405.
