@@ -499,6 +499,10 @@ PROTOCOL_ERRORS: dict[str, tuple[int, str]] = {
         "Malformed HTTP/1.1 request (request line, header syntax, Content-Length or chunk "
         "framing).",
     ),
+    "request_payload_too_large": (
+        413,
+        "Request body is larger than llmux.max_request_body_bytes.",
+    ),
     "absolute_path_rejected": (404, "The request target must be a path starting with '/'."),
     "upgrade_failed": (
         403,
@@ -509,7 +513,7 @@ PROTOCOL_ERRORS: dict[str, tuple[int, str]] = {
 # processor (details `llmux`) nor a route (`direct_response`, already OpenAI-shaped) made
 # is Envoy's and gets the shape too. 5xx other than 501 stay with the mappers above (the
 # health check filter's 503 is plain on purpose: probes read the status only).
-_PROTOCOL_STATUSES = (400, 403, 404, 405, 411, 413, 414, 415, 426, 431, 501)
+_PROTOCOL_STATUSES = (400, 403, 404, 405, 411, 414, 415, 426, 431, 501)
 _NOT_OURS_DETAILS = "!(response.code_details in ['llmux', 'direct_response', 'via_upstream'])"
 
 
@@ -521,6 +525,20 @@ def _cel(expression: str) -> dict[str, Any]:
                 _TYPE: _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
                 "expression": expression,
             },
+        }
+    }
+
+
+def _status_is(status: int) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": "EQ",
+                "value": {
+                    "default_value": status,
+                    "runtime_key": f"llmux.local_reply.protocol.{status}",
+                },
+            }
         }
     }
 
@@ -541,30 +559,24 @@ def _openai_error_format(status: int, message: str) -> dict[str, Any]:
 
 def _protocol_error_mappers() -> list[dict[str, Any]]:
     """OpenAI-shaped bodies for Envoy's replies to malformed HTTP (see PROTOCOL_ERRORS)."""
+    # The status is compared first, so the processor's immediate answers (the mock's 200s
+    # among them) pass these mappers without a CEL evaluation.
     mappers: list[dict[str, Any]] = []
     for detail, (status, message) in PROTOCOL_ERRORS.items():
+        cel = _cel(f"response.code_details == '{detail}'")
         mappers.append(
             {
-                "filter": _cel(f"response.code_details == '{detail}'"),
+                "filter": {"and_filter": {"filters": [_status_is(status), cel]}},
                 "body": {"inline_string": message},
                 "body_format_override": _openai_error_format(status, "%LOCAL_REPLY_BODY%"),
             }
         )
     for status in _PROTOCOL_STATUSES:
-        status_is = {
-            "status_code_filter": {
-                "comparison": {
-                    "op": "EQ",
-                    "value": {
-                        "default_value": status,
-                        "runtime_key": f"llmux.local_reply.protocol.{status}",
-                    },
-                }
-            }
-        }
         mappers.append(
             {
-                "filter": {"and_filter": {"filters": [status_is, _cel(_NOT_OURS_DETAILS)]}},
+                "filter": {
+                    "and_filter": {"filters": [_status_is(status), _cel(_NOT_OURS_DETAILS)]}
+                },
                 "body_format_override": _openai_error_format(
                     status, "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"
                 ),
