@@ -480,6 +480,25 @@ def test_gzip_bomb_meets_the_limit(gateway: Gateway) -> None:
     assert resp.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_corrupt_gzip_is_415(gateway: Gateway, upstream: MockUpstream) -> None:
+    before = len(upstream.requests)
+    resp = httpx.post(
+        f"{gateway.openai_base}/chat/completions",
+        headers={**AUTH, "content-encoding": "gzip"},
+        content=gzip.compress(chat("cut short"))[:-12],
+    )
+    # Cut short: what inflates is not JSON, so the route chosen on the headers (415) stands.
+    assert resp.status_code == 415, resp.text
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    resp = httpx.post(
+        f"{gateway.openai_base}/chat/completions",
+        headers={**AUTH, "content-encoding": "gzip"},
+        content=b"not gzip at all" * 10,
+    )
+    assert resp.status_code == 415, resp.text
+    assert len(upstream.requests) == before
+
+
 @pytest.mark.parametrize("encoding", ["br", "deflate", "zstd", "x-made-up"])
 def test_other_content_encodings_are_415(
     gateway: Gateway, upstream: MockUpstream, encoding: str
