@@ -447,12 +447,22 @@ def test_json_deeper_than_the_parser_takes_is_400(gateway: Gateway) -> None:
     assert "JSON" in resp.json()["error"]["message"]
 
 
-def test_nesting_within_the_limit_is_forwarded(gateway: Gateway, upstream: MockUpstream) -> None:
-    nested = b"[" * 200 + b"]" * 200
-    body = b'{"model":"gpt-test","messages":[{"role":"user","content":"x"}],"m":' + nested + b"}"
-    resp = httpx.post(f"{gateway.openai_base}/chat/completions", headers=AUTH, content=body)
+def test_nesting_boundary(gateway: Gateway, upstream: MockUpstream) -> None:
+    """A field nested 253 deep (254 levels with the body) is forwarded as it is; 254 deep
+    is more than orjson encodes, a 400."""
+
+    def body(depth: int) -> bytes:
+        nested = b"[" * depth + b"]" * depth
+        return (
+            b'{"model":"gpt-test","messages":[{"role":"user","content":"x"}],"m":' + nested + b"}"
+        )
+
+    resp = httpx.post(f"{gateway.openai_base}/chat/completions", headers=AUTH, content=body(253))
     assert resp.status_code == 200, resp.text
-    assert upstream.last().body.endswith(b"]" * 200 + b"}")
+    assert upstream.last().body.endswith(b"]" * 253 + b"}")
+    resp = httpx.post(f"{gateway.openai_base}/chat/completions", headers=AUTH, content=body(254))
+    assert resp.status_code == 400, resp.text
+    assert "nested 255 levels deep" in resp.json()["error"]["message"]
 
 
 def test_gzip_body_is_decompressed(gateway: Gateway, upstream: MockUpstream) -> None:
