@@ -586,3 +586,103 @@ def test_management_405_reaches_the_client_with_allow(tmp_path: Path) -> None:
             assert resp.status_code == 404, resp.text
             resp = httpx.post(f"{gw.base_url}/key/generate", headers=AUTH, json={}, timeout=20)
             assert resp.status_code == 200, resp.text
+
+
+# -- HTTP/2 (prior knowledge, on the same listener) ------------------------------------
+
+
+@dataclass
+class H2Stream:
+    status: int | None = None
+    headers: dict[str, str] | None = None
+    body: bytes = b""
+    reset: int | None = None  # the error code of a RST_STREAM, if the stream was reset
+    ended: bool = False
+
+
+def h2_exchange(
+    port: int, requests: dict[int, list[tuple[str, str]]], timeout: float = 20
+) -> dict[int, H2Stream]:
+    """Send each request (stream id → headers, no body) on one HTTP/2 connection and
+    collect what comes back for each stream."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=True,
+            header_encoding="utf-8",
+            # Malformed on purpose: h2 would refuse to send it.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+    )
+    streams = {sid: H2Stream() for sid in requests}
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        conn.initiate_connection()
+        for sid, headers in requests.items():
+            conn.send_headers(sid, headers, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        deadline = time.monotonic() + timeout
+        while not all(s.ended for s in streams.values()) and time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    # Typed as bytes; header_encoding makes them str.
+                    hdrs = {str(k): str(v) for k, v in event.headers or []}
+                    streams[event.stream_id].headers = hdrs
+                    streams[event.stream_id].status = int(hdrs[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    streams[event.stream_id].body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    streams[event.stream_id].ended = True
+                elif isinstance(event, h2.events.StreamReset):
+                    streams[event.stream_id].reset = int(event.error_code)
+                    streams[event.stream_id].ended = True
+            sock.sendall(conn.data_to_send())
+    return streams
+
+
+def _h2_get(path: str, *extra: tuple[str, str]) -> list[tuple[str, str]]:
+    return [
+        (":method", "GET"),
+        (":path", path),
+        (":scheme", "http"),
+        (":authority", "llmux"),
+        ("authorization", f"Bearer {MASTER_KEY}"),
+        *extra,
+    ]
+
+
+def test_http2_invalid_request_resets_only_its_stream(gateway: Gateway) -> None:
+    """HTTP/2 cannot carry a status for a request whose headers break the protocol: that
+    stream is reset (PROTOCOL_ERROR), the other streams on the connection are answered."""
+    streams = h2_exchange(
+        gateway.port,
+        {
+            1: _h2_get("/v1/models", ("X-Upper-Case", "v")),
+            3: _h2_get("/v1/models"),
+            5: _h2_get("/v1/models", ("connection", "keep-alive")),
+            7: _h2_get("/v1/models"),
+        },
+    )
+    assert streams[1].reset == 1 and streams[5].reset == 1, streams
+    for sid in (3, 7):
+        assert streams[sid].status == 200, streams[sid]
+        assert orjson.loads(streams[sid].body)["object"] == "list"
+
+
+def test_http2_errors_are_openai_shaped(gateway: Gateway) -> None:
+    streams = h2_exchange(
+        gateway.port,
+        {1: _h2_get("/v1/models#fragment"), 3: _h2_get("/v1/chat/completions")},
+    )
+    assert streams[1].status == 400, streams[1]
+    assert "'#'" in orjson.loads(streams[1].body)["error"]["message"]
+    assert streams[3].status == 405, streams[3]
+    assert streams[3].headers is not None and streams[3].headers["allow"] == "POST"
+    assert orjson.loads(streams[3].body)["error"]["code"] == "405"

@@ -776,6 +776,10 @@ def bootstrap(
         # Non-streamed completions can be silent for minutes; the route timeout bounds them.
         "stream_idle_timeout": _duration(s.request_timeout_s),
         "use_remote_address": True,
+        # An invalid HTTP/2 request resets its own stream, not the client's connection with
+        # every other stream on it (Envoy's default; spike: one uppercase header name cost
+        # a concurrent valid request its answer). Nothing can carry a status there.
+        "http2_protocol_options": {"override_stream_error_on_invalid_http_message": True},
         # Clients can quote it to operators; the access log carries the same id.
         "always_set_request_id_in_response": True,
         "access_log": _access_log(config),
