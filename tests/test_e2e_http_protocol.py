@@ -686,3 +686,12 @@ def test_http2_errors_are_openai_shaped(gateway: Gateway) -> None:
     assert streams[3].status == 405, streams[3]
     assert streams[3].headers is not None and streams[3].headers["allow"] == "POST"
     assert orjson.loads(streams[3].body)["error"]["code"] == "405"
+
+
+def test_nesting_is_measured_without_recursion() -> None:
+    from llmux_extproc.dataplane.gateway import _nesting
+
+    assert _nesting(orjson.loads(b'{"a": 1, "b": "x"}')) == 1
+    assert _nesting(orjson.loads(b'{"a": [1, {"b": [[]]}], "c": {}}')) == 5
+    assert _nesting(orjson.loads(b"[" * 1024 + b"]" * 1024)) == 1024
+    assert _nesting("text") == 0
