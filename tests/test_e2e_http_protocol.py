@@ -160,9 +160,8 @@ class Connection:
     def exchange(self, data: bytes, timeout: float = 20) -> Reply:
         """Send `data` (as much as the gateway takes) and return the first reply."""
         deadline = time.monotonic() + timeout
-        sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-        try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
             while time.monotonic() < deadline:
                 reply = _parse(self.received)
                 if reply is not None:
@@ -180,8 +179,6 @@ class Connection:
                             data = data[self.sock.send(data[:65536]) :]
                         except (BrokenPipeError, ConnectionResetError):
                             data = b""  # the gateway stopped reading; its reply may be in
-        finally:
-            sel.unregister(self.sock)
         raise AssertionError(f"no complete reply (closed={self.closed}): {self.received[:300]!r}")
 
     def wait_closed(self, timeout: float = 10) -> bool:
