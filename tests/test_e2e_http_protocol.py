@@ -692,3 +692,19 @@ def test_nesting_is_measured_without_recursion() -> None:
     assert _nesting(orjson.loads(b'{"a": [1, {"b": [[]]}], "c": {}}')) == 5
     assert _nesting(orjson.loads(b"[" * 1024 + b"]" * 1024)) == 1024
     assert _nesting("text") == 0
+
+
+def test_protocol_mappers_compare_the_status_before_any_cel() -> None:
+    """Every local reply (the mock's 200s, the processor's errors) passes these mappers:
+    each must fail on an integer comparison before it evaluates an expression, and none
+    may claim the processor's own replies (details `llmux`)."""
+    from llmux_extproc.control import envoy_config
+
+    mappers = envoy_config._protocol_error_mappers()
+    assert len(mappers) == len(envoy_config.PROTOCOL_ERRORS) + len(envoy_config._PROTOCOL_STATUSES)
+    assert "llmux" not in envoy_config.PROTOCOL_ERRORS
+    for mapper in mappers:
+        first, second = mapper["filter"]["and_filter"]["filters"]
+        assert "status_code_filter" in first
+        expression = second["extension_filter"]["typed_config"]["expression"]
+        assert "'llmux'" in expression or "code_details ==" in expression
