@@ -8,6 +8,7 @@ as warnings, never silently treated as honoured.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -120,6 +121,10 @@ class Settings:
     # more than failure_rate of at least min_requests attempts in window failed, stays open
     # for open_time, then lets half_open_probes probes through.
     breaker: dict[str, float] = field(default_factory=dict)
+    # /metrics on the public listener: "auth" (the master key, when one is set), "open"
+    # (anyone, LiteLLM's default) or "off" (only at `metrics`). Spend by team and model is
+    # not for every caller to read.
+    listener_metrics: str = "auth"
 
 
 # LiteLLM's retry_policy classes, and the statuses each stands for. A class set to 0 is
@@ -199,6 +204,10 @@ class Config:
     # Apply LLMux's migrations at `llmux run` start (LiteLLM: disable_prisma_schema_update,
     # DISABLE_SCHEMA_UPDATE turn it off).
     schema_update: bool = True
+    # LiteLLM's litellm_settings.turn_off_message_logging, inverted, and off unless that is
+    # explicitly false: whether log lines may carry what providers say about a request
+    # (their error messages echo prompts). Redaction applies either way.
+    message_logging: bool = False
 
     @property
     def routing_strategy(self) -> str:
@@ -362,6 +371,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     ).lower() not in ("1", "true", "yes")
 
     settings = _parse_settings(_mapping(raw.get("llmux"), "llmux"))
+    settings = _listener_metrics(settings, raw.get("llmux") or {}, litellm)
+    message_logging = litellm.get("turn_off_message_logging", True) is False
     model_list = raw.get("model_list") or []
     if not isinstance(model_list, list):
         raise ConfigError("model_list: must be a list")
@@ -397,7 +408,27 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         database_url=database_url,
         key_cache_ttl_s=key_cache_ttl,
         schema_update=schema_update,
+        message_logging=message_logging,
     )
+
+
+LISTENER_METRICS = ("auth", "open", "off")
+
+
+def _listener_metrics(settings: Settings, raw: dict[str, Any], litellm: dict[str, Any]) -> Settings:
+    """llmux.listener_metrics, else LiteLLM's require_auth_for_metrics_endpoint (false:
+    open), else "auth"."""
+    if "listener_metrics" in raw:
+        given = raw["listener_metrics"]
+        # YAML 1.1 reads a bare `off` as false.
+        value = _choice(
+            "off" if given is False else given, "llmux.listener_metrics", LISTENER_METRICS
+        )
+    elif litellm.get("require_auth_for_metrics_endpoint") is False:
+        value = "open"
+    else:
+        value = "auth"
+    return dataclasses.replace(settings, listener_metrics=value)
 
 
 def _parse_deployment(
@@ -653,6 +684,7 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         "reload_poll_interval",
         "drain_timeout",
         "circuit_breaker",
+        "listener_metrics",
     }
     unknown = sorted(set(raw) - known)
     if unknown:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hmac
 import os
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Container, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,24 @@ _CONTEXT_WINDOW_HINTS = (
 )
 _CONTENT_POLICY_HINTS = ("content policy", "content_policy", "content_filter", "safety")
 VALID_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+# The only request headers a provider gets besides the pseudo-headers and what its adapter
+# sets: everything else the client sent (cookies, proxy credentials, tracing and SDK
+# headers) and Envoy's x-forwarded-* and x-envoy-* are removed, as LiteLLM forwards no
+# client header by default. `accept-encoding` goes too: a compressed answer could be
+# neither translated nor read for its usage. `x-request-id` (Envoy's) stays: the removal
+# edits the request's one header map, and the access log reads the id from it (removing it
+# nulled the log's request_id in a spike).
+CLIENT_HEADERS_TO_PROVIDER = frozenset({"content-type", "x-request-id"})
+
+
+def dropped_client_headers(request_headers: Iterable[str], keep: Container[str]) -> list[str]:
+    """The request headers an attempt must remove: all but the allow-list and `keep` (what
+    the adapter sets). On a retry that includes what the previous attempt set."""
+    return [
+        h
+        for h in request_headers
+        if h not in keep and h not in CLIENT_HEADERS_TO_PROVIDER and h[:1] != ":"
+    ]
 
 
 @dataclass(slots=True)
@@ -309,6 +327,12 @@ class Gateway:
             if caller.principal is not None:
                 return Immediate(200, self._model_list(caller.principal))
             return Immediate(200, state.model_list)
+        if method == "GET" and path == "/metrics":  # llmux.listener_metrics: auth
+            refusal = self._metrics_refusal(caller)
+            if refusal is not None:
+                return _error(refusal)
+            text, content_type = metrics.render()
+            return Immediate(200, text, {"content-type": content_type})
         if path in management.PATHS or (method == "GET" and path == "/health"):
             refusal = self._admin_only(caller, path)
             if refusal is not None:
@@ -319,6 +343,16 @@ class Gateway:
         if path not in OPERATIONS:
             return _error(GatewayError(404, f"Unknown path {path!r}"))
         return caller
+
+    def _metrics_refusal(self, caller: Caller) -> GatewayError | None:
+        """Spend by team and model is the operator's: with a master key set, /metrics needs
+        it (a missing or wrong key was already refused with a 401); a virtual key gets 403.
+        Without a master key there are no keys to ask for."""
+        if caller.principal is not None or (self.state.config.master_key and not caller.admin):
+            return GatewayError(
+                403, "/metrics needs the master key; a virtual key may not read it."
+            )
+        return None
 
     def _admin_only(self, caller: Caller, path: str) -> GatewayError | None:
         if caller.principal is not None:
