@@ -10,14 +10,17 @@ from pathlib import Path
 import yaml
 
 from llmux_extproc.control.config import Config, ConfigError, load_config
+from llmux_extproc.observability import redact
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+    """Every LLMux process (supervisor, workers, commands) logs through this: each line is
+    redacted (keys, tokens, emails, phone and card numbers) as it is written."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        redact.install(handler, LOG_FORMAT)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ accounted later by `account_passthrough`), a `StreamSession` chunk by chunk, or
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import time
 from collections.abc import Callable, Container, Coroutine, Iterable, Mapping
@@ -53,6 +54,8 @@ from llmux_extproc.providers.base import (
 from llmux_extproc.providers.mock import MockAdapter
 from llmux_extproc.providers.openai import OpenAIStream, client_wants_usage
 from llmux_extproc.providers.registry import adapter_for, provider_header_names
+
+log = logging.getLogger("llmux.gateway")
 
 OPERATIONS = {
     "/v1/chat/completions": "chat",
@@ -594,6 +597,12 @@ class Gateway:
             err = exchange.adapter.error(status, body, dep)
             # Labelled by status class, not the provider's free-form type: bounded values.
             metrics.UPSTREAM_ERRORS.labels(error_type(err.status)).inc()
+            if self.state.config.message_logging:
+                # Providers echo prompts in their messages: logged only when
+                # litellm_settings.turn_off_message_logging is false, and redacted then.
+                log.warning(
+                    "deployment %s (%s) answered %d: %s", dep.id, dep.provider, status, err.message
+                )
             retry = self._worth_retrying(exchange, status, err)
             action = self._account(exchange, err.status, None, err, final=not retry)
             action.retry = retry
