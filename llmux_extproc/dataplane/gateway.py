@@ -861,7 +861,8 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise bad_request(f"messages[{i}] must be an object.", f"messages[{i}]")
         role = message.get("role")
-        if role not in VALID_ROLES:
+        # A role that is no string is refused as any other (a list raised TypeError: a 500).
+        if not isinstance(role, str) or role not in VALID_ROLES:
             raise bad_request(
                 f"messages[{i}].role must be one of {sorted(VALID_ROLES)}, got {role!r}.",
                 f"messages[{i}].role",
