@@ -132,7 +132,7 @@ CHAT_SEEDS = [{"model": "m", **c.request} for c in corpus.CASES] + [
     {"model": "m", **c.request, "stream": True, "stream_options": {"include_usage": True}}
     for c in corpus.CASES[:4]
 ]
-EMBED_SEEDS = [
+EMBED_SEEDS: list[dict[str, Any]] = [
     {"model": "m", "input": "hello"},
     {"model": "m", "input": ["a", "b"], "dimensions": 8, "encoding_format": "float"},
 ]
