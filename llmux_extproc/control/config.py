@@ -373,6 +373,12 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     settings = _parse_settings(_mapping(raw.get("llmux"), "llmux"))
     settings = _listener_metrics(settings, raw.get("llmux") or {}, litellm)
     message_logging = litellm.get("turn_off_message_logging", True) is False
+    for key in ("forward_client_headers_to_llm_api", "forward_openai_org_id"):
+        if general.get(key):
+            warnings.append(
+                f"general_settings.{key}: not supported; LLMux forwards no client header to "
+                "providers but content-type (see the README, Secrets and privacy)"
+            )
     model_list = raw.get("model_list") or []
     if not isinstance(model_list, list):
         raise ConfigError("model_list: must be a list")
