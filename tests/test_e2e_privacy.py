@@ -311,3 +311,47 @@ def test_litellm_require_auth_false_opens_metrics(upstream: MockUpstream, tmp_pa
     with running_gateway(config(upstream, require_auth_for_metrics_endpoint=False), tmp_path) as gw:
         resp = httpx.get(gw.base_url + "/metrics", timeout=10)
         assert resp.status_code == 200 and "llmux_open_streams" in resp.text
+
+
+def test_translated_provider_gets_only_allow_listed_headers(tmp_path: Path) -> None:
+    """The same allow-list for a translated provider (Anthropic), whole and streamed."""
+    from tests.mock_anthropic import AnthropicMock
+
+    upstream = MockUpstream(AnthropicMock(api_key="sk-ant-upstream-abcdefghijklmnop")).start()
+    try:
+        cfg: dict[str, Any] = {
+            "model_list": [
+                {
+                    "model_name": "claude",
+                    "litellm_params": {
+                        "model": "anthropic/claude-3-5-sonnet-20241022",
+                        "api_base": upstream.base_url,
+                        "api_key": "sk-ant-upstream-abcdefghijklmnop",
+                    },
+                }
+            ],
+            "general_settings": {"master_key": MASTER_KEY},
+        }
+        with running_gateway(cfg, tmp_path) as gw:
+            client = openai.OpenAI(
+                base_url=gw.openai_base,
+                api_key=MASTER_KEY,
+                max_retries=0,
+                default_headers={"cookie": "session=s3cr3t", "x-custom-trace": "abc"},
+            )
+            messages: Any = [{"role": "user", "content": "Say hello"}]
+            reply = client.chat.completions.create(model="claude", messages=messages)
+            assert reply.choices[0].message.content
+            chunks = list(
+                client.chat.completions.create(model="claude", messages=messages, stream=True)
+            )
+            assert chunks
+            assert len(upstream.requests) == 2
+            for seen in upstream.requests:
+                assert seen.headers["x-api-key"] == "sk-ant-upstream-abcdefghijklmnop"
+                extra = set(seen.headers) - PROVIDER_MAY_SEE
+                assert extra <= {"x-api-key", "anthropic-version", "anthropic-beta"}, seen.headers
+            reply = client.chat.completions.create(model="claude", messages=messages)
+            assert reply.choices[0].message.content
+    finally:
+        upstream.stop()
