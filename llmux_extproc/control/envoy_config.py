@@ -18,6 +18,7 @@ from typing import Any
 from llmux_extproc.control import envoy_routing
 from llmux_extproc.control.config import Config, Listen
 from llmux_extproc.control.envoy_routing import EXTPROC_CLUSTER, RETRY_HEADER
+from llmux_extproc.db import management
 from llmux_extproc.errors import error_type
 
 METRICS_CLUSTER = "llmux_metrics"
@@ -363,6 +364,10 @@ def _metrics_cluster(config: Config) -> dict[str, Any]:
     }
 
 
+# Routes whose paths are not LLMux's own (the catch-all 404, the management prefixes):
+# their requests' paths are not logged (see _access_log).
+OPAQUE_ROUTE = envoy_routing.OPAQUE_ROUTE
+UNLOGGED_PATH = "(a path LLMux does not serve; not logged)"
 # Every request header LLMux uses internally starts with it; clients may send none.
 INTERNAL_HEADER_PREFIX = "x-llmux-"
 
@@ -416,6 +421,7 @@ def _extra_routes(config: Config) -> list[dict[str, Any]]:
     for prefix in ("/key/", "/team/"):
         table.append(
             {
+                "name": OPAQUE_ROUTE,  # `/key/{key}/regenerate` (LiteLLM) holds a key
                 "match": {"prefix": prefix},
                 "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "30s"},
             }
@@ -620,7 +626,7 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
         "envoy_usage": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:usage)%",
         "envoy_cost": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:cost)%",
     }
-    log_format = {
+    log_format: dict[str, Any] = {
         "json_format": fmt,
         "formatters": [
             {
@@ -631,24 +637,41 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
             }
         ],
     }
+    # A path LLMux does not serve may hold anything, a key in a segment included
+    # (`/key/sk-.../regenerate`): such requests are logged by a second logger whose path is
+    # a constant. Known management paths are logged as they are.
+    known = ", ".join(f"'{p}'" for p in sorted(management.PATHS))
+    opaque = f"xds.route_name == '{OPAQUE_ROUTE}' && !(request.url_path in [{known}])"
+    opaque_format = {**log_format, "json_format": {**fmt, "path": UNLOGGED_PATH}}
+    return [
+        _text_log(target, log_format, f"!({opaque})"),
+        _text_log(target, opaque_format, opaque),
+        accounting,
+    ]
+
+
+def _text_log(target: str, log_format: dict[str, Any], expression: str) -> dict[str, Any]:
+    typed: dict[str, Any] = {"log_format": log_format}
     if target == "stdout":
-        log = {
-            "name": "envoy.access_loggers.stdout",
-            "typed_config": {
-                _TYPE: _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                "log_format": log_format,
-            },
-        }
+        name = "envoy.access_loggers.stdout"
+        typed[_TYPE] = _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
     else:
-        log = {
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                _TYPE: _T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": target,
-                "log_format": log_format,
-            },
-        }
-    return [log, accounting]
+        name = "envoy.access_loggers.file"
+        typed[_TYPE] = _T + "envoy.extensions.access_loggers.file.v3.FileAccessLog"
+        typed["path"] = target
+    return {
+        "name": name,
+        "filter": {
+            "extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    _TYPE: _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                    "expression": expression,
+                },
+            }
+        },
+        "typed_config": typed,
+    }
 
 
 def bootstrap(

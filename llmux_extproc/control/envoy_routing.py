@@ -42,6 +42,8 @@ RETRY_HEADER = "x-llmux-retry"
 # writes as an upstream filter stays on the attempt's own stream info).
 MARKS_HEADER = "x-llmux-marks"
 PROMPT_FILTER = "llmux.prompt"  # prompt.lua's Lua filter, enabled on stream routes
+# The name of routes whose request paths the access log leaves out (envoy_config).
+OPAQUE_ROUTE = "llmux_opaque_path"
 API_PATHS = ("/v1/chat/completions", "/chat/completions", "/v1/embeddings", "/embeddings")
 MODEL_LIST_PATHS = ("/v1/models", "/models")
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -574,6 +576,7 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
     table.extend(extra)
     table.append(
         {
+            "name": OPAQUE_ROUTE,
             "match": {"prefix": "/"},
             "direct_response": {
                 "status": 404,
