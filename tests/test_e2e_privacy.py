@@ -211,6 +211,15 @@ def test_access_log_never_holds_the_query(gateway: Gateway, client: openai.OpenA
     )
     assert_openai_error(refused, 400)  # no database configured
     assert access_log_line(gateway, refused.headers["x-request-id"])["path"] == "/key/info"
+    # Paths LLMux does not serve are not logged at all: a segment may be a key.
+    for path in (f"/key/{QUERY_SECRET}/regenerate", f"/nowhere/{QUERY_SECRET}"):
+        unknown = httpx.post(
+            gateway.base_url + path, headers={"authorization": f"Bearer {MASTER_KEY}"}, timeout=10
+        )
+        assert_openai_error(unknown, 404)
+        entry = access_log_line(gateway, unknown.headers["x-request-id"])
+        assert entry["path"] == "(a path LLMux does not serve; not logged)"
+        assert entry["status"] == 404 and entry["method"] == "POST"
     assert QUERY_SECRET not in gateway.log()
     assert MASTER_KEY not in gateway.log()
     assert_serves(client)

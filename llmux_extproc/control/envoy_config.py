@@ -364,9 +364,7 @@ def _metrics_cluster(config: Config) -> dict[str, Any]:
     }
 
 
-# Routes whose paths are not LLMux's own (the catch-all 404, the management prefixes):
-# their requests' paths are not logged (see _access_log).
-OPAQUE_ROUTE = envoy_routing.OPAQUE_ROUTE
+# What the access log says for the path of a request on a path LLMux does not serve.
 UNLOGGED_PATH = "(a path LLMux does not serve; not logged)"
 # Every request header LLMux uses internally starts with it; clients may send none.
 INTERNAL_HEADER_PREFIX = "x-llmux-"
@@ -418,13 +416,23 @@ def _extra_routes(config: Config) -> list[dict[str, Any]]:
     )
     # LiteLLM's key and team management API: answered by the processor (behind the master
     # key) from PostgreSQL, GET and POST alike.
-    for prefix in ("/key/", "/team/"):
+    # Its paths one by one: what is left under the prefixes is not LLMux's.
+    for path in sorted(management.PATHS):
         table.append(
             {
-                "name": OPAQUE_ROUTE,  # `/key/{key}/regenerate` (LiteLLM) holds a key
-                "match": {"prefix": prefix},
+                "match": {"path": path},
                 "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "30s"},
             }
+        )
+    for prefix in ("/key/", "/team/"):
+        table.append(
+            # Not served: `/key/{key}/regenerate` (LiteLLM's) would log a key.
+            envoy_routing.opaque_route(
+                {
+                    "match": {"prefix": prefix},
+                    "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "30s"},
+                }
+            )
         )
     table.extend(_metrics_routes(config))
     return table
@@ -638,19 +646,17 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
         ],
     }
     # A path LLMux does not serve may hold anything, a key in a segment included
-    # (`/key/sk-.../regenerate`): such requests are logged by a second logger whose path is
-    # a constant. Known management paths are logged as they are.
-    known = ", ".join(f"'{p}'" for p in sorted(management.PATHS))
-    opaque = f"xds.route_name == '{OPAQUE_ROUTE}' && !(request.url_path in [{known}])"
+    # (`/key/sk-.../regenerate`): such requests (their routes mark them with OPAQUE_HEADER)
+    # are logged by a second logger whose path is a constant.
     opaque_format = {**log_format, "json_format": {**fmt, "path": UNLOGGED_PATH}}
     return [
-        _text_log(target, log_format, f"!({opaque})"),
-        _text_log(target, opaque_format, opaque),
+        _text_log(target, log_format, opaque=False),
+        _text_log(target, opaque_format, opaque=True),
         accounting,
     ]
 
 
-def _text_log(target: str, log_format: dict[str, Any], expression: str) -> dict[str, Any]:
+def _text_log(target: str, log_format: dict[str, Any], *, opaque: bool) -> dict[str, Any]:
     typed: dict[str, Any] = {"log_format": log_format}
     if target == "stdout":
         name = "envoy.access_loggers.stdout"
@@ -662,12 +668,12 @@ def _text_log(target: str, log_format: dict[str, Any], expression: str) -> dict[
     return {
         "name": name,
         "filter": {
-            "extension_filter": {
-                "name": "envoy.access_loggers.extension_filters.cel",
-                "typed_config": {
-                    _TYPE: _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                    "expression": expression,
-                },
+            "header_filter": {
+                "header": {
+                    "name": envoy_routing.OPAQUE_HEADER,
+                    "present_match": True,
+                    "invert_match": not opaque,
+                }
             }
         },
         "typed_config": typed,
