@@ -364,3 +364,29 @@ def test_translated_provider_gets_only_allow_listed_headers(tmp_path: Path) -> N
             assert reply.choices[0].message.content
     finally:
         upstream.stop()
+
+
+def test_a_virtual_key_may_not_read_metrics(tmp_path: Path) -> None:
+    """With virtual keys (PostgreSQL), /metrics stays the master key's: a valid virtual
+    key that may call every model gets 403, and still gets its completions."""
+    from tests.pg import fresh_database
+
+    with fresh_database() as db:
+        cfg = {
+            "model_list": [{"model_name": "m", "litellm_params": {"model": "mock/gpt-4o-mini"}}],
+            "general_settings": {"master_key": MASTER_KEY, "database_url": db},
+        }
+        with running_gateway(cfg, tmp_path) as gw:
+            master = {"authorization": f"Bearer {MASTER_KEY}"}
+            made = httpx.post(gw.base_url + "/key/generate", headers=master, json={}, timeout=15)
+            assert made.status_code == 200, made.text
+            key = made.json()["key"]
+            url = gw.base_url + "/metrics"
+            refused = httpx.get(url, headers={"authorization": f"Bearer {key}"}, timeout=15)
+            assert assert_openai_error(refused, 403)["type"] == "permission_error"
+            assert httpx.get(url, headers=master, timeout=15).status_code == 200
+            client = openai.OpenAI(base_url=gw.openai_base, api_key=key, max_retries=0)
+            reply = client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert reply.choices[0].message.content
