@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,20 @@ def test_every_llmux_process_logs_through_it() -> None:
     )
     assert "upstream said" in result.stderr
     assert SECRETS["anthropic key"] not in result.stderr and MASK in result.stderr
+
+
+def test_check_config_errors_are_redacted(tmp_path: Path) -> None:
+    """A config error quotes the value it refuses: a key pasted in the wrong place."""
+    secret = SECRETS["openai key"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"llmux: {{listen: '{secret}'}}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "llmux_extproc", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "llmux.listen" in result.stderr and MASK in result.stderr
+    assert secret not in result.stderr + result.stdout
