@@ -322,11 +322,16 @@ def test_litellm_require_auth_false_opens_metrics(upstream: MockUpstream, tmp_pa
         assert resp.status_code == 200 and "llmux_open_streams" in resp.text
 
 
-def test_translated_provider_gets_only_allow_listed_headers(tmp_path: Path) -> None:
-    """The same allow-list for a translated provider (Anthropic), whole and streamed."""
+def test_translated_providers_get_only_allow_listed_headers(tmp_path: Path) -> None:
+    """The same allow-list for translated providers, whole and streamed: Anthropic, and
+    Bedrock, whose SigV4 signature must still verify (its mock re-computes it)."""
+    from tests import mock_bedrock as mb
     from tests.mock_anthropic import AnthropicMock
 
-    upstream = MockUpstream(AnthropicMock(api_key="sk-ant-upstream-abcdefghijklmnop")).start()
+    anthropic_key = "sk-ant-upstream-abcdefghijklmnop"
+    anthropic = MockUpstream(AnthropicMock(api_key=anthropic_key)).start()
+    bedrock_mock = mb.BedrockMock()
+    bedrock = MockUpstream(bedrock_mock).start()
     try:
         cfg: dict[str, Any] = {
             "model_list": [
@@ -334,10 +339,20 @@ def test_translated_provider_gets_only_allow_listed_headers(tmp_path: Path) -> N
                     "model_name": "claude",
                     "litellm_params": {
                         "model": "anthropic/claude-3-5-sonnet-20241022",
-                        "api_base": upstream.base_url,
-                        "api_key": "sk-ant-upstream-abcdefghijklmnop",
+                        "api_base": anthropic.base_url,
+                        "api_key": anthropic_key,
                     },
-                }
+                },
+                {
+                    "model_name": "bedrock",
+                    "litellm_params": {
+                        "model": "bedrock/anthropic.claude-3-5-sonnet-20240620-v1:0",
+                        "api_base": bedrock.base_url,
+                        "aws_access_key_id": mb.ACCESS_KEY,
+                        "aws_secret_access_key": mb.SECRET_KEY,
+                        "aws_region_name": mb.REGION,
+                    },
+                },
             ],
             "general_settings": {"master_key": MASTER_KEY},
         }
@@ -346,24 +361,40 @@ def test_translated_provider_gets_only_allow_listed_headers(tmp_path: Path) -> N
                 base_url=gw.openai_base,
                 api_key=MASTER_KEY,
                 max_retries=0,
-                default_headers={"cookie": "session=s3cr3t", "x-custom-trace": "abc"},
+                default_headers={
+                    "cookie": "session=s3cr3t",
+                    "proxy-authorization": "Basic dXNlcjpwYXNz",
+                    "x-custom-trace": "abc",
+                },
             )
             messages: Any = [{"role": "user", "content": "Say hello"}]
-            reply = client.chat.completions.create(model="claude", messages=messages)
-            assert reply.choices[0].message.content
-            chunks = list(
-                client.chat.completions.create(model="claude", messages=messages, stream=True)
-            )
-            assert chunks
-            assert len(upstream.requests) == 2
-            for seen in upstream.requests:
-                assert seen.headers["x-api-key"] == "sk-ant-upstream-abcdefghijklmnop"
+            for model in ("claude", "bedrock"):
+                reply = client.chat.completions.create(model=model, messages=messages)
+                assert reply.choices[0].message.content, model
+                chunks = list(
+                    client.chat.completions.create(model=model, messages=messages, stream=True)
+                )
+                assert chunks, model
+            assert len(anthropic.requests) == 2 and len(bedrock.requests) == 2
+            for seen in anthropic.requests:
+                assert seen.headers["x-api-key"] == anthropic_key
                 extra = set(seen.headers) - PROVIDER_MAY_SEE
                 assert extra <= {"x-api-key", "anthropic-version", "anthropic-beta"}, seen.headers
-            reply = client.chat.completions.create(model="claude", messages=messages)
-            assert reply.choices[0].message.content
+            assert bedrock_mock.failures == []  # every signature verified
+            for seen in bedrock.requests:
+                extra = set(seen.headers) - PROVIDER_MAY_SEE
+                assert extra <= {"accept", "x-amz-date", "x-amz-content-sha256"}, seen.headers
+            assert_serves_model(client, "claude")
     finally:
-        upstream.stop()
+        anthropic.stop()
+        bedrock.stop()
+
+
+def assert_serves_model(client: openai.OpenAI, model: str) -> None:
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "again"}]
+    )
+    assert reply.choices[0].message.content
 
 
 def test_a_virtual_key_may_not_read_metrics(tmp_path: Path) -> None:
