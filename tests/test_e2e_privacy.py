@@ -421,3 +421,27 @@ def test_a_virtual_key_may_not_read_metrics(tmp_path: Path) -> None:
                 model="m", messages=[{"role": "user", "content": "hi"}]
             )
             assert reply.choices[0].message.content
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+def test_privacy_settings_parse_as_documented() -> None:
+    from llmux_extproc.control.config import ConfigError, parse_config
+
+    def parse(text: str) -> Any:
+        return parse_config("model_list: []\n" + text)
+
+    assert parse("").settings.listener_metrics == "auth"
+    assert parse("llmux: {listener_metrics: off}").settings.listener_metrics == "off"  # YAML false
+    assert parse("llmux: {listener_metrics: open}").settings.listener_metrics == "open"
+    lite = "litellm_settings: {require_auth_for_metrics_endpoint: false}\n"
+    assert parse(lite).settings.listener_metrics == "open"
+    assert parse(lite + "llmux: {listener_metrics: auth}").settings.listener_metrics == "auth"
+    with pytest.raises(ConfigError, match=r"llmux\.listener_metrics: must be one of"):
+        parse("llmux: {listener_metrics: public}")
+    assert parse("").message_logging is False
+    assert parse("litellm_settings: {turn_off_message_logging: true}").message_logging is False
+    assert parse("litellm_settings: {turn_off_message_logging: false}").message_logging is True
+    warned = parse("general_settings: {forward_client_headers_to_llm_api: true}").warnings
+    assert any("forward_client_headers_to_llm_api: not supported" in w for w in warned)
