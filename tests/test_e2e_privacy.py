@@ -40,7 +40,14 @@ QUERY_SECRET = "sk-query-secret-zyxwvutsrqponmlk"
 EMAIL = "jane.roe@example.org"
 PROMPT_KEY = "sk-proj-prompt-key-0123456789abcdef"
 # What a provider may get of a request besides what its adapter sets.
-PROVIDER_MAY_SEE = {"host", "content-type", "content-length", "authorization", "x-request-id"}
+PROVIDER_MAY_SEE = {
+    "host",
+    "content-type",
+    "content-length",
+    "authorization",
+    "x-request-id",
+    "x-envoy-attempt-count",
+}
 WORKER_RELOADED = re.compile(r" llmux\.worker\[\d+\]: config reloaded")
 
 _failed_once: set[str] = set()

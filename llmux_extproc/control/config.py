@@ -204,6 +204,9 @@ class Config:
     # Apply LLMux's migrations at `llmux run` start (LiteLLM: disable_prisma_schema_update,
     # DISABLE_SCHEMA_UPDATE turn it off).
     schema_update: bool = True
+    # LiteLLM's Prometheus callback (`litellm_settings.callbacks: ["prometheus"]`): also
+    # export LiteLLM's metric names and labels (observability/metrics.py).
+    litellm_metrics: bool = False
     # LiteLLM's litellm_settings.turn_off_message_logging, inverted, and off unless that is
     # explicitly false: whether log lines may carry what providers say about a request
     # (their error messages echo prompts). Redaction applies either way.
@@ -282,6 +285,54 @@ VERTEX_ALIASES = {
     "vertex_ai_location": "vertex_location",
     "vertex_ai_credentials": "vertex_credentials",
 }
+# general_settings and litellm_settings keys LLMux reads; any other key LiteLLM users
+# write there (alerting, callbacks, caching, ...) is a warning naming it.
+GENERAL_KEYS = {
+    "master_key",
+    "database_url",
+    "user_api_key_cache_ttl",
+    "disable_prisma_schema_update",
+}
+# Router settings LiteLLM also reads from litellm_settings (setting() in _parse_router).
+LITELLM_ROUTER_KEYS = {
+    "num_retries",
+    "timeout",
+    "request_timeout",
+    "stream_timeout",
+    "fallbacks",
+    "context_window_fallbacks",
+    "content_policy_fallbacks",
+    "default_fallbacks",
+    "allowed_fails",
+    "cooldown_time",
+    "disable_cooldowns",
+}
+LITELLM_KEYS = {
+    "drop_params",
+    # Secrets and privacy (README): /metrics on the listener, provider messages in the log.
+    "require_auth_for_metrics_endpoint",
+    "turn_off_message_logging",
+    *LITELLM_ROUTER_KEYS,
+}
+# The `llmux:` section (docs/configuration.md lists each; a test holds them to it).
+LLMUX_KEYS = {
+    "listen",
+    "admin",
+    "metrics",
+    "workers",
+    "runtime_dir",
+    "request_timeout",
+    "stream_idle_timeout",
+    "stream_accounting",
+    "connect_timeout",
+    "max_request_body_bytes",
+    "max_response_body_bytes",
+    "access_log",
+    "reload_poll_interval",
+    "drain_timeout",
+    "circuit_breaker",
+    "listener_metrics",
+}
 KNOWN_SECTIONS = {
     "model_list",
     "router_settings",
@@ -346,6 +397,14 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     router = _mapping(raw.get("router_settings"), "router_settings")
     litellm = _mapping(raw.get("litellm_settings"), "litellm_settings")
 
+    for section, table, known in (
+        ("general_settings", general, GENERAL_KEYS),
+        ("litellm_settings", litellm, LITELLM_KEYS),
+    ):
+        warnings.extend(
+            f"{section}.{key}: not supported by LLMux, ignored"
+            for key in sorted(set(table) - known)
+        )
     router_settings = _parse_router(router, litellm, warnings)
 
     master_key = general.get("master_key")
@@ -373,12 +432,6 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     settings = _parse_settings(_mapping(raw.get("llmux"), "llmux"))
     settings = _listener_metrics(settings, raw.get("llmux") or {}, litellm)
     message_logging = litellm.get("turn_off_message_logging", True) is False
-    for key in ("forward_client_headers_to_llm_api", "forward_openai_org_id"):
-        if general.get(key):
-            warnings.append(
-                f"general_settings.{key}: not supported; LLMux forwards no client header to "
-                "providers but content-type (see the README, Secrets and privacy)"
-            )
     model_list = raw.get("model_list") or []
     if not isinstance(model_list, list):
         raise ConfigError("model_list: must be a list")
@@ -414,6 +467,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         database_url=database_url,
         key_cache_ttl_s=key_cache_ttl,
         schema_update=schema_update,
+        litellm_metrics=prometheus_callback(litellm),
         message_logging=message_logging,
     )
 
@@ -435,6 +489,18 @@ def _listener_metrics(settings: Settings, raw: dict[str, Any], litellm: dict[str
     else:
         value = "auth"
     return dataclasses.replace(settings, listener_metrics=value)
+
+
+def prometheus_callback(litellm: dict[str, Any]) -> bool:
+    """Whether litellm_settings asks for LiteLLM's Prometheus metrics, in any of the lists
+    LiteLLM reads callbacks from."""
+    for key in ("callbacks", "success_callback", "failure_callback"):
+        names = litellm.get(key) or []
+        if isinstance(names, str):
+            names = [names]
+        if isinstance(names, list) and "prometheus" in names:
+            return True
+    return False
 
 
 def _parse_deployment(
@@ -674,27 +740,9 @@ def _check_host(host: str, api_base: str, where: str) -> None:
 
 
 def _parse_settings(raw: dict[str, Any]) -> Settings:
-    known = {
-        "listen",
-        "admin",
-        "metrics",
-        "workers",
-        "runtime_dir",
-        "request_timeout",
-        "stream_idle_timeout",
-        "stream_accounting",
-        "connect_timeout",
-        "max_request_body_bytes",
-        "max_response_body_bytes",
-        "access_log",
-        "reload_poll_interval",
-        "drain_timeout",
-        "circuit_breaker",
-        "listener_metrics",
-    }
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - LLMUX_KEYS)
     if unknown:
-        raise ConfigError(f"llmux: unknown setting(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"llmux: unknown setting(s) {unknown}; known: {sorted(LLMUX_KEYS)}")
     workers = _int(raw.get("workers", 1), "llmux.workers")
     if not 1 <= workers <= 64:
         raise ConfigError("llmux.workers: must be between 1 and 64")

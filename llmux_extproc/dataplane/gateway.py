@@ -84,10 +84,11 @@ VALID_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 # sets: everything else the client sent (cookies, proxy credentials, tracing and SDK
 # headers) and Envoy's x-forwarded-* and x-envoy-* are removed, as LiteLLM forwards no
 # client header by default. `accept-encoding` goes too: a compressed answer could be
-# neither translated nor read for its usage. `x-request-id` (Envoy's) stays: the removal
-# edits the request's one header map, and the access log reads the id from it (removing it
-# nulled the log's request_id in a spike).
-CLIENT_HEADERS_TO_PROVIDER = frozenset({"content-type", "x-request-id"})
+# neither translated nor read for its usage. Two of Envoy's stay: the removal edits the
+# request's one header map, which the logs read when the attempt ends, `x-request-id` in
+# the access log (removing it nulled the log's request_id in a spike) and
+# `x-envoy-attempt-count` in the upstream log (the control plane counts retries by it).
+CLIENT_HEADERS_TO_PROVIDER = frozenset({"content-type", "x-request-id", "x-envoy-attempt-count"})
 
 
 def dropped_client_headers(request_headers: Iterable[str], keep: Container[str]) -> list[str]:
@@ -581,9 +582,11 @@ class Gateway:
             model, provider = dep.model_name, dep.provider
             if ttft_s is not None:
                 metrics.TIME_TO_FIRST_TOKEN.labels(provider, model).observe(ttft_s)
+                per_token: float | None = None
                 if counted.completion_tokens > 1 and duration_s > ttft_s:
                     per_token = (duration_s - ttft_s) / (counted.completion_tokens - 1)
                     metrics.TIME_PER_OUTPUT_TOKEN.labels(provider, model).observe(per_token)
+                self._streamed(exchange, ttft_s, per_token)
             estimated = "true" if counted.estimated else "false"
             metrics.STREAMED_TOKENS.labels(model, "input", estimated).inc(counted.prompt_tokens)
             metrics.STREAMED_TOKENS.labels(model, "output", estimated).inc(
@@ -645,6 +648,7 @@ class Gateway:
         if final:  # a failed attempt Envoy retries is counted as an upstream error only
             metrics.REQUESTS.labels(model, dep.provider, str(status)).inc()
             metrics.LATENCY.labels(dep.provider, model).observe(time.monotonic() - ex.started)
+            self._conventions(ex, status, usage if err is None else None)
         headers = attempt_headers(ex)
         log: dict[str, Any] = {"model": model, "deployment": dep.id, "provider": dep.provider}
         if err is not None:
@@ -662,6 +666,29 @@ class Gateway:
                 headers["x-llmux-response-cost"] = headers["x-litellm-response-cost"] = repr(cost)
                 log["cost"] = cost
         return ResponseAction(status, body, headers, log)
+
+    def _conventions(self, ex: Exchange, status: int, usage: Usage | None) -> None:
+        """The answer in the GenAI conventions' names and, when asked for, LiteLLM's."""
+        litellm = self.state.config.litellm_metrics
+        cost = None
+        if litellm and usage is not None and ex.price is not None:
+            cost = pricing.cost(ex.price, usage)
+        seconds = time.monotonic() - ex.started
+        caller = caller_labels(ex.ctx.caller)
+        metrics.answered(ex.dep, ex.req.operation, caller, status, seconds, usage, cost, litellm)
+
+    def _streamed(self, ex: Exchange, ttft_s: float, per_token_s: float | None) -> None:
+        litellm = self.state.config.litellm_metrics
+        caller = caller_labels(ex.ctx.caller)
+        metrics.streamed(ex.dep, ex.req.operation, caller, ttft_s, per_token_s, litellm)
+
+
+def caller_labels(caller: Caller) -> tuple[str, str, str]:
+    """(team, team_alias, api_key_alias) for metrics: ids and aliases from the key
+    database, never the key."""
+    principal = caller.principal
+    team_alias = (principal.team_alias if principal is not None else None) or ""
+    return caller.team, team_alias, caller.key_alias or ""
 
 
 class StreamSession:
@@ -702,9 +729,11 @@ class StreamSession:
             metrics.TIME_TO_FIRST_TOKEN.labels(provider, model).observe(
                 self.first_output - ex.started
             )
+            per_token: float | None = None
             if usage.completion_tokens > 1:
                 per_token = (now - self.first_output) / (usage.completion_tokens - 1)
                 metrics.TIME_PER_OUTPUT_TOKEN.labels(provider, model).observe(per_token)
+            self.gateway._streamed(ex, self.first_output - ex.started, per_token)
         estimated = "true" if usage.estimated else "false"
         metrics.STREAMED_TOKENS.labels(model, "input", estimated).inc(usage.prompt_tokens)
         metrics.STREAMED_TOKENS.labels(model, "output", estimated).inc(usage.completion_tokens)
