@@ -191,8 +191,10 @@ def test_metrics_on_the_listener_need_the_master_key(
                 break
             assert time.monotonic() < deadline, resp.text
             time.sleep(0.1)
-    # Other methods are no metrics route at all.
-    assert_openai_error(httpx.post(url, headers={"x-api-key": MASTER_KEY}, timeout=10), 404)
+    # Other methods are refused as such, in OpenAI's shape, naming the one allowed.
+    posted = httpx.post(url, headers={"x-api-key": MASTER_KEY}, timeout=10)
+    assert_openai_error(posted, 405)
+    assert posted.headers["allow"] == "GET"
     # The metrics address itself is unchanged (it is not the public listener).
     assert "llm_requests_total" in gateway.metrics()
     assert_serves(client)
