@@ -540,10 +540,14 @@ def _stream_accounting_log() -> dict[str, Any]:
                 "log_name": ACCESS_LOG_NAME,
                 "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
                 "transport_api_version": "V3",
-                "buffer_flush_interval": "0.2s",
+                "buffer_flush_interval": f"{ACCOUNTING_FLUSH_S}s",
             },
         },
     }
+
+
+# How long an answer's accounting entry may wait in Envoy's gRPC access log buffer.
+ACCOUNTING_FLUSH_S = 0.2
 
 
 def _access_log(config: Config) -> list[dict[str, Any]]:

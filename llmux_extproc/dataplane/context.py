@@ -23,10 +23,19 @@ class Caller:
     user_id: str | None = None
     principal: Principal | None = None
     admin: bool = False  # the master key: may call the management API
+    token: str | None = None  # the key's sha256 (LiteLLM's token): spend logs
+    metric_key: str = ""  # the `key` label of metrics: the alias, else a short hash
 
     @classmethod
     def of(cls, principal: Principal) -> Caller:
-        return cls(principal.team_id or "default", principal.label, principal.user_id, principal)
+        return cls(
+            principal.team_id or "default",
+            principal.label,
+            principal.user_id,
+            principal,
+            token=principal.token,
+            metric_key=principal.key_alias or principal.token[:12],
+        )
 
 
 DEFAULT_CALLER = Caller()
@@ -50,3 +59,4 @@ class Attempt:
 class RequestContext:
     caller: Caller
     attempt: Attempt
+    request_id: str = ""  # Envoy's x-request-id, the same for every attempt

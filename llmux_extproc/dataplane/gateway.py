@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import os
 import time
+import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import orjson
 
 from llmux_extproc.accounting import pricing, tokens
+from llmux_extproc.accounting.spendlog import CALL_TYPES, SpendQueue, SpendRow
 from llmux_extproc.accounting.usage import Usage
 from llmux_extproc.control.config import PRICE_KEYS, Config, Deployment
 from llmux_extproc.control.envoy_routing import attempts_per_group
@@ -43,7 +45,7 @@ from llmux_extproc.errors import GatewayError, bad_request, error_type
 from llmux_extproc.observability import metrics
 from llmux_extproc.policy.auth import authenticate, client_key
 from llmux_extproc.policy.bulkhead import Bulkhead
-from llmux_extproc.policy.keys import Missing, Principal, principal_refusal
+from llmux_extproc.policy.keys import Missing, Principal, hash_key, principal_refusal
 from llmux_extproc.providers.base import (
     Adapter,
     ClientRequest,
@@ -175,6 +177,13 @@ class State:
         # What response.lua needs to cost an answer, per deployment, built once.
         self.price_marks = {dep_id: _price_marks(p) for dep_id, p in self.prices.items() if p}
         self.known_models = set(config.model_names)
+        # What spend logs name the master key by, as LiteLLM does: its hash.
+        self.master_token = hash_key(config.master_key) if config.master_key else ""
+        self.api_bases = {
+            d.id: f"{d.upstream.scheme}://{d.upstream.authority}{d.upstream.base_path}"
+            for d in config.deployments
+            if d.upstream is not None
+        }
         # LiteLLM's model access groups (model_info.access_groups), per model group: a
         # key's `models` may name a group instead of the models in it.
         groups: dict[str, set[str]] = {}
@@ -226,6 +235,9 @@ class Gateway:
         # The Caller of each cached principal, built once: building one per request cost
         # 1.3 us of the 3.2 us a cache hit took (measured).
         self._callers: dict[str, Caller] = {}
+        # Spend logs (PostgreSQL), set by the worker with `keys`: rows queued, written in
+        # batches by a background task (accounting/spendlog.py).
+        self.spend: SpendQueue | None = None
 
     def reload(self, config: Config) -> None:
         # One assignment: a request sees the old state or the new one, never a mix.
@@ -501,6 +513,18 @@ class Gateway:
             "provider": dep.provider,
             **flags,
         }
+        caller = exchange.ctx.caller
+        principal = caller.principal
+        if principal is not None:  # who called, for accounting from the access log
+            marks["key"] = principal.token
+            if principal.team_id:
+                marks["team"] = principal.team_id
+            if principal.key_alias:
+                marks["alias"] = principal.key_alias
+            if principal.user_id:
+                marks["user"] = principal.user_id
+        elif caller.admin:
+            marks["admin"] = True
         return marks
 
     def account_passthrough(
@@ -513,6 +537,8 @@ class Gateway:
         completed: bool,
         ttft_s: float | None,
         duration_s: float,
+        caller: Caller = DEFAULT_CALLER,
+        request_id: str = "",
     ) -> None:
         """Account an answer Envoy passed on by itself, from its access log entry.
 
@@ -528,6 +554,7 @@ class Gateway:
             adapter_for(dep.spec),
             state.prices.get(dep.id),
             time.monotonic() - duration_s,
+            RequestContext(caller, Attempt(1, dep), request_id),
         )
         if status >= 400:  # response.lua found no JSON in a 2xx answer
             metrics.UPSTREAM_ERRORS.labels(error_type(status)).inc()
@@ -606,19 +633,60 @@ class Gateway:
         log: dict[str, Any] = {"model": model, "deployment": dep.id, "provider": dep.provider}
         if err is not None:
             log["error"] = err.type
+            if final:
+                self._log_spend(ex, err.status, None, 0.0, err.type)
             return ResponseAction(err.status, err.body(), headers, log)
+        cost = 0.0
         if usage is not None:
-            _count_tokens(ex.ctx.caller.team, model, usage)
+            caller = ex.ctx.caller
+            _count_tokens(caller.team, model, usage, caller.metric_key)
             if self.report_tokens is not None and self.state.usage_routing:
                 self.report_tokens(dep.id, usage.prompt_tokens + usage.completion_tokens)
             log["prompt_tokens"] = usage.prompt_tokens
             log["completion_tokens"] = usage.completion_tokens
             if ex.price is not None:
                 cost = pricing.cost(ex.price, usage)
-                metrics.SPEND.labels(ex.ctx.caller.team, model).inc(cost)
+                metrics.SPEND.labels(caller.team, model, caller.metric_key).inc(cost)
                 headers["x-llmux-response-cost"] = headers["x-litellm-response-cost"] = repr(cost)
                 log["cost"] = cost
+        self._log_spend(ex, status, usage, cost, None)
         return ResponseAction(status, body, headers, log)
+
+    def _log_spend(
+        self, ex: Exchange, status: int, usage: Usage | None, cost: float, error: str | None
+    ) -> None:
+        """Queue the request's spend log row (no I/O: a background task writes batches)."""
+        queue = self.spend
+        if queue is None:
+            return
+        caller = ex.ctx.caller
+        dep = ex.dep
+        end = time.time()
+        token = caller.token or (self.state.master_token if caller.admin else "")
+        queue.put(
+            SpendRow(
+                request_id=ex.ctx.request_id or str(uuid.uuid4()),
+                call_type=CALL_TYPES.get(ex.req.operation, ex.req.operation),
+                api_key=token,
+                user=caller.user_id or (management.ADMIN_NAME if caller.admin else None),
+                team_id=caller.principal.team_id if caller.principal else None,
+                key_alias=caller.principal.key_alias if caller.principal else None,
+                model=dep.model,
+                model_group=ex.req.model,
+                model_id=dep.id,
+                provider=dep.provider,
+                api_base=self.state.api_bases.get(dep.id, ""),
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+                cached_tokens=usage.cached_tokens if usage else 0,
+                cache_write_tokens=usage.cache_write_tokens if usage else 0,
+                spend=cost,
+                start=end - (time.monotonic() - ex.started),
+                end=end,
+                status="success" if error is None and status < 400 else "failure",
+                error=error,
+            )
+        )
 
 
 class StreamSession:
@@ -738,16 +806,16 @@ def _streamed_text(output: list[bytes]) -> str:
     return "".join(parts)
 
 
-def _count_tokens(team: str, model: str, usage: Usage) -> None:
+def _count_tokens(team: str, model: str, usage: Usage, key: str = "") -> None:
     counter = metrics.TOKENS
-    counter.labels(team, model, "input").inc(usage.prompt_tokens)
-    counter.labels(team, model, "output").inc(usage.completion_tokens)
+    counter.labels(team, model, "input", key).inc(usage.prompt_tokens)
+    counter.labels(team, model, "output", key).inc(usage.completion_tokens)
     if usage.cached_tokens:
-        counter.labels(team, model, "cached_input").inc(usage.cached_tokens)
+        counter.labels(team, model, "cached_input", key).inc(usage.cached_tokens)
     if usage.cache_write_tokens:
-        counter.labels(team, model, "cache_write").inc(usage.cache_write_tokens)
+        counter.labels(team, model, "cache_write", key).inc(usage.cache_write_tokens)
     if usage.reasoning_tokens:
-        counter.labels(team, model, "reasoning").inc(usage.reasoning_tokens)
+        counter.labels(team, model, "reasoning", key).inc(usage.reasoning_tokens)
 
 
 def deployment_health() -> bytes:

@@ -38,8 +38,9 @@ LATENCY = Histogram(
     ["provider", "model"],
     buckets=LATENCY_BUCKETS,
 )
-TOKENS = Counter("llm_token_usage", "Tokens accounted", ["team", "model", "type"])
-SPEND = Counter("llm_spend", "Cost in USD from the model price table", ["team", "model"])
+# `key`: the virtual key's alias, else the first 12 hex digits of its hash; never the key.
+TOKENS = Counter("llm_token_usage", "Tokens accounted", ["team", "model", "type", "key"])
+SPEND = Counter("llm_spend", "Cost in USD from the model price table", ["team", "model", "key"])
 UPSTREAM_ERRORS = Counter("llm_upstream_error", "Failed upstream answers", ["error_type"])
 TIME_TO_FIRST_TOKEN = Histogram(
     "llm_time_to_first_token_seconds",
@@ -65,6 +66,10 @@ ASYNCIO_TASKS = Gauge(
     "llmux_asyncio_tasks",
     "asyncio tasks alive in the ext_proc workers (sampled each second)",
     multiprocess_mode="livesum",
+)
+SPEND_LOG_DROPPED = Counter(
+    "llmux_spend_log_dropped",
+    "Spend log rows dropped: the worker's queue was full (PostgreSQL down or too slow)",
 )
 CONFIG_RELOADS = Counter("llmux_config_reloads", "Config reload attempts", ["result"])
 # Written by the supervisor's control plane (one process), labelled by config values only.
