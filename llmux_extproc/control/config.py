@@ -120,6 +120,8 @@ class Settings:
     # more than failure_rate of at least min_requests attempts in window failed, stays open
     # for open_time, then lets half_open_probes probes through.
     breaker: dict[str, float] = field(default_factory=dict)
+    # Spend log rows a worker holds while PostgreSQL is unreachable; more are dropped.
+    spend_log_queue: int = 50_000
 
 
 # LiteLLM's retry_policy classes, and the statuses each stands for. A class set to 0 is
@@ -653,6 +655,7 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         "reload_poll_interval",
         "drain_timeout",
         "circuit_breaker",
+        "spend_log_queue",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -689,7 +692,15 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         reload_poll_s=_positive(raw.get("reload_poll_interval", 1.0), "llmux.reload_poll_interval"),
         drain_timeout_s=_positive(raw.get("drain_timeout", 60), "llmux.drain_timeout"),
         breaker=_breaker(_mapping(raw.get("circuit_breaker"), "llmux.circuit_breaker")),
+        spend_log_queue=_spend_log_queue(raw.get("spend_log_queue", 50_000)),
     )
+
+
+def _spend_log_queue(value: Any) -> int:
+    size = _int(value, "llmux.spend_log_queue")
+    if size < 1:
+        raise ConfigError("llmux.spend_log_queue: must be at least 1 (rows per worker)")
+    return size
 
 
 def _access_log(value: Any) -> str:

@@ -391,9 +391,9 @@ def _extra_routes() -> list[dict[str, Any]]:
             "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "10s"},
         }
     )
-    # LiteLLM's key and team management API: answered by the processor (behind the master
-    # key) from PostgreSQL, GET and POST alike.
-    for prefix in ("/key/", "/team/"):
+    # LiteLLM's management API (keys, teams, users, spend reports): answered by the
+    # processor (behind the master key) from PostgreSQL, GET and POST alike.
+    for prefix in ("/key/", "/team/", "/user/", "/spend/", "/global/spend/"):
         table.append(
             {
                 "match": {"prefix": prefix},

@@ -645,6 +645,8 @@ RESTART_ONLY = {
     "max_response_body_bytes": "max_response_body_bytes",
     # Envoy's --drain-time-s: how long its listener keeps answering while draining.
     "drain_timeout_s": "drain_timeout",
+    # Each worker's spend log queue is made at its start.
+    "spend_log_queue": "spend_log_queue",
 }
 
 

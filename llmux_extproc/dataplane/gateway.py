@@ -321,7 +321,7 @@ class Gateway:
             if caller.principal is not None:
                 return Immediate(200, self._model_list(caller.principal))
             return Immediate(200, state.model_list)
-        if path in management.PATHS or (method == "GET" and path == "/health"):
+        if management.owns(path) or (method == "GET" and path == "/health"):
             refusal = self._admin_only(caller, path)
             if refusal is not None:
                 return _error(refusal)
@@ -335,7 +335,7 @@ class Gateway:
     def _admin_only(self, caller: Caller, path: str) -> GatewayError | None:
         if caller.principal is not None:
             return GatewayError(403, f"{path} needs the master key; a virtual key may not call it.")
-        if path in management.PATHS:
+        if management.owns(path):
             if not caller.admin:
                 return GatewayError(
                     403,
@@ -396,7 +396,7 @@ class Gateway:
                     413, f"Request body is {len(body)} bytes; the limit is {limit} bytes."
                 )
             route = path.partition("?")[0]
-            if route in management.PATHS:
+            if management.owns(route):
                 return await self._manage(method, path, body)
             req = parse_request(OPERATIONS[route], body)
             if req.model not in state.known_models:

@@ -149,7 +149,7 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
 
 def _spend_writer(gateway: Gateway) -> SpendWriter:
     assert gateway.keys is not None
-    gateway.spend = SpendQueue()
+    gateway.spend = SpendQueue(gateway.state.config.settings.spend_log_queue)
     writer = SpendWriter(gateway.spend, pool_sink(gateway.keys.pool))
     writer.start()
     return writer
