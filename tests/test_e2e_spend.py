@@ -147,8 +147,8 @@ def chat(gw: Gateway, key: str, model: str, stream: bool = False) -> tuple[str, 
     if stream:
         with c.chat.completions.with_streaming_response.create(
             model=model,
-            messages=MESSAGES,
-            stream=True,  # type: ignore[arg-type]
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
         ) as reply:
             list(reply.iter_lines())
             return reply.headers["x-request-id"], None

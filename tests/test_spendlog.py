@@ -62,7 +62,7 @@ class Sink:
 
 
 def dropped() -> float:
-    return metrics.SPEND_LOG_DROPPED._value.get()
+    return float(metrics.SPEND_LOG_DROPPED._value.get())
 
 
 async def test_nothing_is_written_before_the_interval_unless_a_batch_is_full() -> None:
