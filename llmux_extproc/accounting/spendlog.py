@@ -6,7 +6,9 @@ writes what is queued in one transaction, once a second or sooner when `batch_ma
 wait: the rows into `LiteLLM_SpendLogs`, their spend added to the key's, team's and user's
 `spend` columns (as LiteLLM does), and the daily aggregates into `LiteLLM_DailyUserSpend`
 and `LiteLLM_DailyTeamSpend`. LiteLLM wrote a row per request on the request path (its
-#38312); a batch here costs one round trip per table whatever the request rate.
+#38312); a batch here is seven statements whatever its size: a 500-row batch cost
+~2.5 ms of the worker's CPU to prepare and 60-120 ms of the (shared, loaded) test
+machine's PostgreSQL, awaited off the request path.
 
 PostgreSQL down: a batch that fails goes back to the queue and is retried on the next tick;
 the queue keeps at most `bound` rows, what does not fit is dropped and counted
@@ -24,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -387,44 +388,70 @@ def daily(
     return out
 
 
+_DAILY_UPSERT = """
+WITH d AS (
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+        %s::text[], %s::int8[], %s::int8[], %s::int8[], %s::int8[], %s::float8[],
+        %s::int8[], %s::int8[], %s::int8[])
+        AS d(owner, date, api_key, model, provider, model_group, prompt_tokens,
+             completion_tokens, cache_read, cache_creation, spend, requests, successes,
+             failures)
+), updated AS (
+    UPDATE {table} t SET
+        prompt_tokens = t.prompt_tokens + d.prompt_tokens,
+        completion_tokens = t.completion_tokens + d.completion_tokens,
+        cache_read_input_tokens = t.cache_read_input_tokens + d.cache_read,
+        cache_creation_input_tokens = t.cache_creation_input_tokens + d.cache_creation,
+        spend = t.spend + d.spend,
+        api_requests = t.api_requests + d.requests,
+        successful_requests = t.successful_requests + d.successes,
+        failed_requests = t.failed_requests + d.failures,
+        updated_at = %s
+    FROM d
+    WHERE t.{owner} IS NOT DISTINCT FROM d.owner AND t.date = d.date
+        AND t.api_key = d.api_key AND t.model IS NOT DISTINCT FROM d.model
+        AND t.custom_llm_provider IS NOT DISTINCT FROM d.provider
+        AND t.mcp_namespaced_tool_name IS NULL AND t.endpoint IS NULL
+    RETURNING d.owner, d.date, d.api_key, d.model, d.provider
+)
+INSERT INTO {table} (id, {owner}, date, api_key, model, model_group, custom_llm_provider,
+    prompt_tokens, completion_tokens, cache_read_input_tokens, cache_creation_input_tokens,
+    spend, api_requests, successful_requests, failed_requests, created_at, updated_at)
+SELECT gen_random_uuid()::text, d.owner, d.date, d.api_key, d.model, d.model_group,
+    d.provider, d.prompt_tokens, d.completion_tokens, d.cache_read, d.cache_creation,
+    d.spend, d.requests, d.successes, d.failures, %s, %s
+FROM d WHERE NOT EXISTS (
+    SELECT 1 FROM updated u WHERE u.owner IS NOT DISTINCT FROM d.owner AND u.date = d.date
+        AND u.api_key = d.api_key AND u.model IS NOT DISTINCT FROM d.model
+        AND u.provider IS NOT DISTINCT FROM d.provider
+)
+"""
+
+
 async def _upsert_daily(cur: Any, table: str, column: str, totals: dict[DailyKey, Daily]) -> None:
-    ident = sql.Identifier(table)
-    owner = sql.Identifier(column)
-    update = sql.SQL(
-        "UPDATE {} SET prompt_tokens = prompt_tokens + %s,"
-        " completion_tokens = completion_tokens + %s,"
-        " cache_read_input_tokens = cache_read_input_tokens + %s,"
-        " cache_creation_input_tokens = cache_creation_input_tokens + %s,"
-        " spend = spend + %s, api_requests = api_requests + %s,"
-        " successful_requests = successful_requests + %s,"
-        " failed_requests = failed_requests + %s, updated_at = %s"
-        " WHERE {} IS NOT DISTINCT FROM %s AND date = %s AND api_key = %s"
-        " AND model IS NOT DISTINCT FROM %s AND custom_llm_provider IS NOT DISTINCT FROM %s"
-        " AND mcp_namespaced_tool_name IS NULL AND endpoint IS NULL RETURNING id"
-    ).format(ident, owner)
-    insert = sql.SQL(
-        "INSERT INTO {} (id, {}, date, api_key, model, model_group, custom_llm_provider,"
-        " prompt_tokens, completion_tokens, cache_read_input_tokens,"
-        " cache_creation_input_tokens, spend, api_requests, successful_requests,"
-        " failed_requests, created_at, updated_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-    ).format(ident, owner)
+    """One statement per table: the daily rows that exist are added to, the others made
+    (the daily lock, taken by the caller, keeps two writers from making the same row)."""
+    if not totals:
+        return
+    keys, values = list(totals), list(totals.values())
     now = datetime.now(UTC).replace(tzinfo=None)
-    for (who, date, api_key, model, provider), d in totals.items():
-        counts = (
-            d.prompt_tokens,
-            d.completion_tokens,
-            d.cache_read,
-            d.cache_creation,
-            d.spend,
-            d.requests,
-            d.successes,
-            d.failures,
-        )
-        await cur.execute(update, (*counts, now, who, date, api_key, model, provider))
-        if await cur.fetchone() is None:
-            ident_row = (str(uuid.uuid4()), who, date, api_key, model, d.model_group, provider)
-            await cur.execute(insert, [*ident_row, *counts, now, now])
+    columns: list[list[Any]] = [[k[i] for k in keys] for i in range(5)]
+    columns.append([d.model_group for d in values])
+    for name in (
+        "prompt_tokens",
+        "completion_tokens",
+        "cache_read",
+        "cache_creation",
+        "spend",
+        "requests",
+        "successes",
+        "failures",
+    ):
+        columns.append([getattr(d, name) for d in values])
+    statement = sql.SQL(_DAILY_UPSERT).format(
+        table=sql.Identifier(table), owner=sql.Identifier(column)
+    )
+    await cur.execute(statement, [*columns, now, now, now])
 
 
 async def write_batch(conn: Any, rows: list[SpendRow]) -> int:

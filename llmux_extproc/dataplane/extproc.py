@@ -20,7 +20,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
-from urllib.parse import quote
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -46,6 +45,7 @@ from llmux_extproc.dataplane.gateway import (
     StreamSession,
     attempt_headers,
 )
+from llmux_extproc.dataplane.marks import encode_marks
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.observability import metrics
 
@@ -88,20 +88,6 @@ def _set_headers(headers: Mapping[str, str]) -> list[HeaderValueOption]:
         HeaderValueOption(header=HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
         for k, v in headers.items()
     ]
-
-
-def encode_marks(fields: Mapping[str, Any]) -> str:
-    """The marks header response.lua turns into `llmux` dynamic metadata: `key=<t><value>`
-    pairs joined by `;`, t = b(ool), n(umber) or s(tring, percent-encoded)."""
-    parts = []
-    for key, value in fields.items():
-        if isinstance(value, bool):
-            parts.append(f"{key}=b{int(value)}")
-        elif isinstance(value, int | float):
-            parts.append(f"{key}=n{value!r}")
-        elif isinstance(value, str):
-            parts.append(f"{key}=s{quote(value, safe='')}")
-    return ";".join(parts)
 
 
 def immediate(answer: Immediate) -> pb.ProcessingResponse:
