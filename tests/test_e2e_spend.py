@@ -226,6 +226,13 @@ def test_every_answer_is_logged_with_its_key_team_user_and_cost(gateway: Gateway
     assert execute(db, 'SELECT spend FROM "LiteLLM_UserTable" WHERE user_id = %s', ("ana",))[0][
         0
     ] == pytest.approx(total)
+    # ... and read back by the management API.
+    info = admin(gateway, "GET", "/key/info", params={"key": key}).json()["info"]
+    assert info["spend"] == pytest.approx(total)
+    team_info = admin(gateway, "GET", "/team/info", params={"team_id": team}).json()
+    assert team_info["team_info"]["spend"] == pytest.approx(total)
+    user_info = admin(gateway, "GET", "/user/info", params={"user_id": "ana"}).json()
+    assert user_info["user_info"]["spend"] == pytest.approx(total)
     today = datetime.now(UTC).strftime("%Y-%m-%d")
     daily = execute(
         db,

@@ -246,3 +246,33 @@ async def test_a_batch_is_all_or_nothing(db: str) -> None:
     with pytest.raises(psycopg.errors.NumericValueOutOfRange):
         await write(db, [row(91), bad])
     assert execute(db, 'SELECT count(*) FROM "LiteLLM_SpendLogs"')[0][0] == before
+
+
+def test_the_caller_travels_through_the_marks_to_the_access_log() -> None:
+    """What a passed-through answer's marks say about the caller comes back, from Envoy's
+    metadata, as the same team, user, alias and key hash (accesslog._caller)."""
+    from urllib.parse import unquote
+
+    from google.protobuf.struct_pb2 import Struct
+
+    from llmux_extproc.dataplane.accesslog import _caller
+    from llmux_extproc.dataplane.gateway import caller_marks
+    from llmux_extproc.dataplane.marks import encode_marks
+    from llmux_extproc.policy.keys import Principal
+
+    principal = Principal(token="f" * 64, key_alias="a;b=c", user_id="ü", team_id="t 1")
+    header = encode_marks({"deployment": "d1", "caller": caller_marks(principal)})
+    metadata = Struct()
+    for pair in header.split(";"):  # as response.lua reads the header
+        name, _, value = pair.partition("=")
+        metadata.update({name: unquote(value[1:])})
+    caller = _caller(metadata.fields)
+    assert (caller.token, caller.team, caller.user_id, caller.key_alias) == (
+        "f" * 64,
+        "t 1",
+        "ü",
+        "a;b=c",
+    )
+    assert caller.metric_key == "a;b=c"
+    unnamed = _caller(Struct().fields)
+    assert unnamed.token is None and unnamed.team == "default"
