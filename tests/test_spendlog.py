@@ -276,3 +276,22 @@ def test_the_caller_travels_through_the_marks_to_the_access_log() -> None:
     assert caller.metric_key == "a;b=c"
     unnamed = _caller(Struct().fields)
     assert unnamed.token is None and unnamed.team == "default"
+
+
+async def test_a_batch_writes_into_a_database_litellm_made(database: str) -> None:
+    """LiteLLM's own tables (every column, as its Prisma made them), migrated by LLMux."""
+    from pathlib import Path
+
+    execute(database, (Path(__file__).parent / "fixtures" / "litellm_schema.sql").read_text())
+    migrate(database)
+    rows = [row(1), row(2, user=None, team_id=None)]
+    assert await write(database, rows) == 2
+    found = execute(
+        database,
+        'SELECT request_id, team_id, "user", spend FROM "LiteLLM_SpendLogs" ORDER BY 1',
+    )
+    assert found == [("req-1", "team-1", "user-1", 0.25), ("req-2", None, "", 0.25)]
+    daily = execute(
+        database, 'SELECT user_id, api_requests FROM "LiteLLM_DailyUserSpend" ORDER BY 1'
+    )
+    assert daily == [("user-1", 1), (None, 1)]
