@@ -295,3 +295,31 @@ async def test_a_batch_writes_into_a_database_litellm_made(database: str) -> Non
         database, 'SELECT user_id, api_requests FROM "LiteLLM_DailyUserSpend" ORDER BY 1'
     )
     assert daily == [("user-1", 1), (None, 1)]
+
+
+async def test_a_failing_database_with_a_full_queue_is_not_retried_in_a_loop() -> None:
+    import asyncio
+
+    sink = Sink()
+    sink.failing = True
+    attempts: list[str] = []
+
+    async def counting(rows: list[SpendRow]) -> None:
+        attempts.append("write")
+        await sink(rows)
+
+    async def pause(seconds: float) -> None:
+        attempts.append(f"pause {seconds}")
+        if len(attempts) >= 6:
+            raise asyncio.CancelledError
+
+    queue = SpendQueue(bound=100, batch_max=2)
+    writer = SpendWriter(queue, counting, interval_s=0.2, pause=pause)
+    for n in range(4):
+        queue.put(row(n))
+    assert queue.full.is_set()
+    with pytest.raises(asyncio.CancelledError):
+        await writer._run()
+    # Every failed write is followed by a pause of the interval, never by another write.
+    assert attempts == ["write", "pause 0.2"] * 3
+    assert len(queue) == 4

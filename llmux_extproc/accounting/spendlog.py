@@ -135,7 +135,8 @@ Sink = Callable[[list[SpendRow]], Awaitable[None]]
 
 class SpendWriter:
     """Writes the queue through `sink` in batches: every `interval_s`, or at once when a
-    full batch waits. `clock` is injectable so the policy is tested without waiting."""
+    full batch waits. `clock` and `pause` are injectable so the policy is tested without
+    waiting."""
 
     def __init__(
         self,
@@ -144,11 +145,13 @@ class SpendWriter:
         *,
         interval_s: float = INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.queue = queue
         self.sink = sink
         self.interval_s = interval_s
         self.clock = clock
+        self.pause = pause
         self.last = clock()
         self.written = 0
         self.failing = False
@@ -199,6 +202,10 @@ class SpendWriter:
                 await asyncio.wait_for(self.queue.full.wait(), wait)
             if self.queue.rows:
                 await self.tick()
+                if self.failing:
+                    # A full queue keeps `full` set: without a pause a database that fails
+                    # at once (a missing table) would be retried in a busy loop.
+                    await self.pause(self.interval_s)
             else:
                 self.last = self.clock()
 
