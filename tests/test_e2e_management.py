@@ -35,8 +35,16 @@ def db() -> Iterator[str]:
 def gateway(db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     config = {
         "model_list": [
-            {"model_name": "gpt-a", "litellm_params": {"model": "mock/gpt-4o-mini"}},
-            {"model_name": "gpt-b", "litellm_params": {"model": "mock/gpt-4o-mini"}},
+            {
+                "model_name": "gpt-a",
+                "litellm_params": {"model": "mock/gpt-4o-mini"},
+                "model_info": {"id": "dep-a"},
+            },
+            {
+                "model_name": "gpt-b",
+                "litellm_params": {"model": "mock/gpt-4o-mini"},
+                "model_info": {"id": "dep-b"},
+            },
         ],
         "general_settings": {
             "master_key": MASTER,
@@ -299,4 +307,59 @@ def test_user_new_and_info(gateway: Gateway, db: str) -> None:
             timeout=15,
         ).status_code
         == 403
+    )
+
+
+def answered_by(gw: Gateway, key: str, model: str, stream: bool = False) -> str:
+    """The deployment that answered (x-litellm-model-id), through the openai SDK."""
+    c = openai.OpenAI(base_url=gw.openai_base, api_key=key, max_retries=0, timeout=15)
+    if stream:
+        with c.chat.completions.with_streaming_response.create(
+            model=model,
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+        ) as reply:
+            assert any(b"[DONE]" in line.encode() for line in reply.iter_lines())
+            return str(reply.headers["x-litellm-model-id"])
+    raw = c.chat.completions.with_raw_response.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
+    assert raw.parse().choices[0].message.content
+    return str(raw.headers["x-litellm-model-id"])
+
+
+def test_key_aliases_send_a_model_name_to_the_group_it_stands_for(gateway: Gateway) -> None:
+    key = ok(admin(gateway, "POST", "/key/generate", json={"aliases": {"my-model": "gpt-b"}}))[
+        "key"
+    ]
+    assert answered_by(gateway, key, "my-model") == "dep-b"
+    assert answered_by(gateway, key, "my-model", stream=True) == "dep-b"
+    assert answered_by(gateway, key, "gpt-a") == "dep-a"  # other names as before
+    # Another key, or the master key, has no such alias: the model is unknown to them.
+    plain = ok(admin(gateway, "POST", "/key/generate", json={}))["key"]
+    for other in (plain, MASTER):
+        try:
+            answered_by(gateway, other, "my-model")
+            pytest.fail("an alias of another key was honoured")
+        except openai.NotFoundError as exc:
+            assert exc.code == "model_not_found"
+    # The key's own model list still applies, to the group the alias names.
+    narrow = ok(
+        admin(
+            gateway,
+            "POST",
+            "/key/generate",
+            json={"models": ["gpt-a"], "aliases": {"my-model": "gpt-b"}},
+        )
+    )["key"]
+    assert status_of(gateway, narrow, "my-model") == 403
+    # An update reaches every worker.
+    ok(admin(gateway, "POST", "/key/update", json={"key": key, "aliases": {"my-model": "gpt-a"}}))
+    started = time.monotonic()
+    while answered_by(gateway, key, "my-model") != "dep-a" or any(
+        answered_by(gateway, key, "my-model") != "dep-a" for _ in range(6)
+    ):
+        assert time.monotonic() - started < BOUND_S
+    refused(
+        admin(gateway, "POST", "/key/generate", json={"aliases": {"my-model": 3}}),
+        400,
+        "aliases.my-model",
     )

@@ -489,6 +489,19 @@ def _prompt_lua_filter() -> dict[str, Any]:
     }
 
 
+def _alias_lua_filter() -> dict[str, Any]:
+    """alias.lua (a key's model aliases): enabled only on the route of API requests for a
+    model no group serves (envoy_routing), so known models never pay for it."""
+    script = resources.files("llmux_extproc.dataplane").joinpath("alias.lua").read_text()
+    return {
+        "name": envoy_routing.ALIAS_FILTER,
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.lua.v3.Lua",
+            "source_codes": {"alias": {"inline_string": script}},
+        },
+    }
+
+
 def _stream_usage_filter() -> dict[str, Any]:
     """Envoy reads `usage` from OpenAI-format SSE itself, so streams passed through untouched
     need no Python per chunk; the last `usage` seen wins (earlier chunks carry null)."""
@@ -637,6 +650,8 @@ def bootstrap(
                 },
             },
             *envoy_routing.request_metadata_filters(),
+            # Before the route's other filters: it may change the route.
+            _alias_lua_filter(),
             # Response order is the reverse: a stream's usage is read (sse_to_metadata)
             # before it is dropped (lua).
             _prompt_lua_filter(),

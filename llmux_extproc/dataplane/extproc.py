@@ -28,6 +28,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from llmux_extproc.control.envoy_routing import (
+    ALIAS_PATH,
     CLIENT_KEY_HEADERS,
     MARKS_HEADER,
     REQUEST_NAMESPACE,
@@ -259,6 +260,11 @@ class _HttpStream:
         if path is not None:
             self.headers[":path"] = path
         path = self.headers.get(":path", "")
+        if not keys and path.startswith(ALIAS_PATH):
+            # alias.lua's own request (an httpCall: no downstream filters, no metadata)
+            # carries the client's key in its headers. Clients cannot send one: the
+            # listener routes no such path to the processor.
+            keys = {k: self.headers[k] for k in CLIENT_KEY_HEADERS if k in self.headers}
         method = self.headers.get(":method", "")
         answer = self.gateway.on_headers(method, path, keys)
         if isinstance(answer, Pending):  # a key not cached yet: one database query

@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 
@@ -30,7 +31,7 @@ from llmux_extproc.accounting import pricing, tokens
 from llmux_extproc.accounting.spendlog import CALL_TYPES, SpendQueue, SpendRow
 from llmux_extproc.accounting.usage import Usage
 from llmux_extproc.control.config import PRICE_KEYS, Config, Deployment
-from llmux_extproc.control.envoy_routing import attempts_per_group
+from llmux_extproc.control.envoy_routing import ALIAS_PATH, attempts_per_group
 from llmux_extproc.dataplane import sse
 from llmux_extproc.dataplane.context import (
     DEFAULT_CALLER,
@@ -320,7 +321,7 @@ class Gateway:
         """What an authenticated request gets before its body: the model list, /health,
         a 404 for an unknown path, or on to the body phase."""
         state = self.state
-        path = path.partition("?")[0]
+        path, _, query = path.partition("?")
         if method == "GET" and path in MODEL_LIST_PATHS:
             if caller.principal is not None:
                 return Immediate(200, self._model_list(caller.principal))
@@ -332,9 +333,21 @@ class Gateway:
             if path == "/health":
                 return Immediate(200, deployment_health())
             return caller  # the management API answers in the body phase
+        if path == ALIAS_PATH:
+            return self._alias(caller, query)
         if path not in OPERATIONS:
             return _error(GatewayError(404, f"Unknown path {path!r}"))
         return caller
+
+    def _alias(self, caller: Caller, query: str) -> Immediate:
+        """alias.lua's question: which model group the caller's key means by a model name
+        no group serves (the answer in `x-llmux-alias`; 404: none)."""
+        model = parse_qs(query).get("model", [""])[-1]
+        principal = caller.principal
+        target = principal.aliases.get(model) if principal is not None else None
+        if target is None or target not in self.state.known_models:
+            return Immediate(404, b"{}")
+        return Immediate(200, b"{}", {"x-llmux-alias": target})
 
     def _admin_only(self, caller: Caller, path: str) -> GatewayError | None:
         if caller.principal is not None:
@@ -403,6 +416,12 @@ class Gateway:
             if management.owns(route):
                 return await self._manage(method, path, body)
             req = parse_request(OPERATIONS[route], body)
+            principal = ctx.caller.principal
+            if req.model not in state.known_models and principal is not None:
+                # A key alias (alias.lua routed the request to the target's group).
+                target = principal.aliases.get(req.model)
+                if target is not None:
+                    req = ClientRequest(req.operation, req.body, req.raw, target, req.stream)
             if req.model not in state.known_models:
                 raise GatewayError(
                     404,
@@ -411,7 +430,6 @@ class Gateway:
                     param="model",
                     code="model_not_found",
                 )
-            principal = ctx.caller.principal
             if principal is not None:
                 refusal = principal.model_refusal(
                     req.model, state.access_groups.get(req.model, frozenset())

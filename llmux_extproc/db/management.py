@@ -206,7 +206,6 @@ NOT_ENFORCED = frozenset(
         "budget_duration",
         "budget_id",
         "model_max_budget",
-        "aliases",
         "allowed_routes",
         "allowed_cache_controls",
         "permissions",
@@ -333,6 +332,12 @@ def _key_values(f: Fields, existing_metadata: Mapping[str, Any] | None) -> dict[
     for name in _KEY_JSON:
         if f.has(name):
             values[name] = Jsonb(f.mapping(name) or {})
+    for alias, target in (f.mapping("aliases") or {}).items() if f.has("aliases") else ():
+        if not isinstance(target, str) or not target:
+            raise bad_request(
+                f"aliases.{alias}: must name a model group (a non-empty string), got {target!r}.",
+                f"aliases.{alias}",
+            )
     # LiteLLM keeps these inside the key's metadata.
     extra: dict[str, Any] = {}
     for name in ("model_rpm_limit", "model_tpm_limit"):
