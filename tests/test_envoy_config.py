@@ -164,10 +164,11 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     names = [f["name"] for f in hcm["http_filters"]]
     # No downstream processor: the processor runs per attempt on the group clusters.
     assert "envoy.filters.http.ext_proc" not in names
-    assert names[-7:] == [
+    assert names[-8:] == [
         "envoy.filters.http.header_mutation",
         "envoy.filters.http.header_to_metadata",
         "envoy.filters.http.json_to_metadata",
+        envoy_routing.ALIAS_FILTER,
         envoy_routing.PROMPT_FILTER,
         "envoy.filters.http.lua",
         "envoy.filters.http.sse_to_metadata",
