@@ -260,7 +260,14 @@ def test_the_caller_travels_through_the_marks_to_the_access_log() -> None:
     from llmux_extproc.dataplane.marks import encode_marks
     from llmux_extproc.policy.keys import Principal
 
-    principal = Principal(token="f" * 64, key_alias="a;b=c", user_id="ü", team_id="t 1")
+    principal = Principal(
+        token="f" * 64,
+        key_alias="a;b=c",
+        key_name="sk-...wxyz",
+        user_id="ü",
+        team_id="t 1",
+        team_alias="search",
+    )
     header = encode_marks({"deployment": "d1", "caller": caller_marks(principal)})
     metadata = Struct()
     for pair in header.split(";"):  # as response.lua reads the header
@@ -273,7 +280,8 @@ def test_the_caller_travels_through_the_marks_to_the_access_log() -> None:
         "ü",
         "a;b=c",
     )
-    assert caller.metric_key == "a;b=c"
+    assert caller.principal is not None
+    assert (caller.principal.team_alias, caller.principal.key_name) == ("search", "sk-...wxyz")
     unnamed = _caller(Struct().fields)
     assert unnamed.token is None and unnamed.team == "default"
 

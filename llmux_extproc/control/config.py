@@ -201,6 +201,9 @@ class Config:
     # Apply LLMux's migrations at `llmux run` start (LiteLLM: disable_prisma_schema_update,
     # DISABLE_SCHEMA_UPDATE turn it off).
     schema_update: bool = True
+    # LiteLLM's Prometheus callback (`litellm_settings.callbacks: ["prometheus"]`): also
+    # export LiteLLM's metric names and labels (observability/metrics.py).
+    litellm_metrics: bool = False
 
     @property
     def routing_strategy(self) -> str:
@@ -297,7 +300,10 @@ LITELLM_ROUTER_KEYS = {
     "cooldown_time",
     "disable_cooldowns",
 }
-LITELLM_KEYS = {"drop_params", *LITELLM_ROUTER_KEYS}
+CALLBACK_KEYS = ("callbacks", "success_callback", "failure_callback")
+# Callback names LLMux honours; any other name in those lists is a warning naming it.
+SUPPORTED_CALLBACKS = {"prometheus"}
+LITELLM_KEYS = {"drop_params", *CALLBACK_KEYS, *LITELLM_ROUTER_KEYS}
 # The `llmux:` section (docs/configuration.md lists each; a test holds them to it).
 LLMUX_KEYS = {
     "listen",
@@ -389,6 +395,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
             f"{section}.{key}: not supported by LLMux, ignored"
             for key in sorted(set(table) - known)
         )
+    for key in CALLBACK_KEYS:
+        names = litellm.get(key) or []
+        warnings.extend(
+            f"litellm_settings.{key}: {name!r} not supported by LLMux, ignored"
+            for name in ([names] if isinstance(names, str) else names)
+            if name not in SUPPORTED_CALLBACKS
+        )
     router_settings = _parse_router(router, litellm, warnings)
 
     master_key = general.get("master_key")
@@ -449,7 +462,20 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         database_url=database_url,
         key_cache_ttl_s=key_cache_ttl,
         schema_update=schema_update,
+        litellm_metrics=prometheus_callback(litellm),
     )
+
+
+def prometheus_callback(litellm: dict[str, Any]) -> bool:
+    """Whether litellm_settings asks for LiteLLM's Prometheus metrics, in any of the lists
+    LiteLLM reads callbacks from."""
+    for key in CALLBACK_KEYS:
+        names = litellm.get(key) or []
+        if isinstance(names, str):
+            names = [names]
+        if isinstance(names, list) and "prometheus" in names:
+            return True
+    return False
 
 
 def _parse_deployment(

@@ -340,6 +340,13 @@ def _attempt_logger(flush_interval: str, expression: str) -> dict[str, Any]:
                             },
                         },
                     },
+                    # The router's upstream log leaves upstream_request_attempt_count at 1
+                    # for every attempt (seen: 72 attempts of 24 requests, all "first");
+                    # the attempt header the router sets per try is right.
+                    {
+                        "tag": "llmux_attempt",
+                        "request_header": {"name": "x-envoy-attempt-count"},
+                    },
                 ],
             },
             "additional_response_headers_to_log": ["retry-after"],

@@ -100,8 +100,10 @@ def _caller(marks: Any) -> Caller:
             Principal(
                 token=marks["key"].string_value,
                 key_alias=text("alias"),
+                key_name=text("key_name"),
                 user_id=text("user"),
                 team_id=text("team"),
+                team_alias=text("team_alias"),
             )
         )
     return MASTER_CALLER if "admin" in marks else DEFAULT_CALLER

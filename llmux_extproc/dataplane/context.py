@@ -24,7 +24,6 @@ class Caller:
     principal: Principal | None = None
     admin: bool = False  # the master key: may call the management API
     token: str | None = None  # the key's sha256 (LiteLLM's token): spend logs
-    metric_key: str = ""  # the `key` label of metrics: the alias, else a short hash
 
     @classmethod
     def of(cls, principal: Principal) -> Caller:
@@ -34,7 +33,6 @@ class Caller:
             principal.user_id,
             principal,
             token=principal.token,
-            metric_key=principal.key_alias or principal.token[:12],
         )
 
 

@@ -592,9 +592,11 @@ class Gateway:
             model, provider = dep.model_name, dep.provider
             if ttft_s is not None:
                 metrics.TIME_TO_FIRST_TOKEN.labels(provider, model).observe(ttft_s)
+                per_token: float | None = None
                 if counted.completion_tokens > 1 and duration_s > ttft_s:
                     per_token = (duration_s - ttft_s) / (counted.completion_tokens - 1)
                     metrics.TIME_PER_OUTPUT_TOKEN.labels(provider, model).observe(per_token)
+                self._streamed(exchange, ttft_s, per_token)
             estimated = "true" if counted.estimated else "false"
             metrics.STREAMED_TOKENS.labels(model, "input", estimated).inc(counted.prompt_tokens)
             metrics.STREAMED_TOKENS.labels(model, "output", estimated).inc(
@@ -650,6 +652,7 @@ class Gateway:
         if final:  # a failed attempt Envoy retries is counted as an upstream error only
             metrics.REQUESTS.labels(model, dep.provider, str(status)).inc()
             metrics.LATENCY.labels(dep.provider, model).observe(time.monotonic() - ex.started)
+            self._conventions(ex, status, usage if err is None else None)
         headers = attempt_headers(ex)
         log: dict[str, Any] = {"model": model, "deployment": dep.id, "provider": dep.provider}
         if err is not None:
@@ -660,14 +663,14 @@ class Gateway:
         cost = 0.0
         if usage is not None:
             caller = ex.ctx.caller
-            _count_tokens(caller.team, model, usage, caller.metric_key)
+            _count_tokens(caller.team, model, usage)
             if self.report_tokens is not None and self.state.usage_routing:
                 self.report_tokens(dep.id, usage.prompt_tokens + usage.completion_tokens)
             log["prompt_tokens"] = usage.prompt_tokens
             log["completion_tokens"] = usage.completion_tokens
             if ex.price is not None:
                 cost = pricing.cost(ex.price, usage)
-                metrics.SPEND.labels(caller.team, model, caller.metric_key).inc(cost)
+                metrics.SPEND.labels(caller.team, model).inc(cost)
                 headers["x-llmux-response-cost"] = headers["x-litellm-response-cost"] = repr(cost)
                 log["cost"] = cost
         self._log_spend(ex, status, usage, cost, None)
@@ -709,6 +712,29 @@ class Gateway:
             )
         )
 
+    def _conventions(self, ex: Exchange, status: int, usage: Usage | None) -> None:
+        """The answer in the GenAI conventions' names and, when asked for, LiteLLM's."""
+        litellm = self.state.config.litellm_metrics
+        cost = None
+        if litellm and usage is not None and ex.price is not None:
+            cost = pricing.cost(ex.price, usage)
+        seconds = time.monotonic() - ex.started
+        caller = caller_labels(ex.ctx.caller)
+        metrics.answered(ex.dep, ex.req.operation, caller, status, seconds, usage, cost, litellm)
+
+    def _streamed(self, ex: Exchange, ttft_s: float, per_token_s: float | None) -> None:
+        litellm = self.state.config.litellm_metrics
+        caller = caller_labels(ex.ctx.caller)
+        metrics.streamed(ex.dep, ex.req.operation, caller, ttft_s, per_token_s, litellm)
+
+
+def caller_labels(caller: Caller) -> tuple[str, str, str]:
+    """(team, team_alias, api_key_alias) for metrics: ids and aliases from the key
+    database, never the key."""
+    principal = caller.principal
+    team_alias = (principal.team_alias if principal is not None else None) or ""
+    return caller.team, team_alias, caller.key_alias or ""
+
 
 class StreamSession:
     """One streamed response: upstream chunks in, OpenAI SSE out, accounted at the end.
@@ -748,9 +774,11 @@ class StreamSession:
             metrics.TIME_TO_FIRST_TOKEN.labels(provider, model).observe(
                 self.first_output - ex.started
             )
+            per_token: float | None = None
             if usage.completion_tokens > 1:
                 per_token = (now - self.first_output) / (usage.completion_tokens - 1)
                 metrics.TIME_PER_OUTPUT_TOKEN.labels(provider, model).observe(per_token)
+            self.gateway._streamed(ex, self.first_output - ex.started, per_token)
         estimated = "true" if usage.estimated else "false"
         metrics.STREAMED_TOKENS.labels(model, "input", estimated).inc(usage.prompt_tokens)
         metrics.STREAMED_TOKENS.labels(model, "output", estimated).inc(usage.completion_tokens)
@@ -827,25 +855,27 @@ def _streamed_text(output: list[bytes]) -> str:
     return "".join(parts)
 
 
-def _count_tokens(team: str, model: str, usage: Usage, key: str = "") -> None:
+def _count_tokens(team: str, model: str, usage: Usage) -> None:
     counter = metrics.TOKENS
-    counter.labels(team, model, "input", key).inc(usage.prompt_tokens)
-    counter.labels(team, model, "output", key).inc(usage.completion_tokens)
+    counter.labels(team, model, "input").inc(usage.prompt_tokens)
+    counter.labels(team, model, "output").inc(usage.completion_tokens)
     if usage.cached_tokens:
-        counter.labels(team, model, "cached_input", key).inc(usage.cached_tokens)
+        counter.labels(team, model, "cached_input").inc(usage.cached_tokens)
     if usage.cache_write_tokens:
-        counter.labels(team, model, "cache_write", key).inc(usage.cache_write_tokens)
+        counter.labels(team, model, "cache_write").inc(usage.cache_write_tokens)
     if usage.reasoning_tokens:
-        counter.labels(team, model, "reasoning", key).inc(usage.reasoning_tokens)
+        counter.labels(team, model, "reasoning").inc(usage.reasoning_tokens)
 
 
 def caller_marks(principal: Principal) -> Encoded:
-    """Who called, as marks (read back by accesslog._caller): the key's hash, team, alias
-    and user."""
+    """Who called, as marks (read back by accesslog._caller): what the spend row and the
+    metrics' labels need."""
     fields = {
         "key": principal.token,
         "team": principal.team_id,
+        "team_alias": principal.team_alias,
         "alias": principal.key_alias,
+        "key_name": principal.key_name,
         "user": principal.user_id,
     }
     return Encoded(encode_marks({k: v for k, v in fields.items() if v}))
