@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from llmux_extproc.accounting import pricing
-from tests.harness import Gateway, MockUpstream, metric, running_gateway
+from tests.harness import Gateway, MockUpstream, running_gateway
 from tests.mock_anthropic import API_KEY, MOCK_USAGE, AnthropicMock
 
 pytestmark = pytest.mark.e2e
@@ -98,7 +98,10 @@ def test_per_deployment_price_override(gateway: Gateway) -> None:
 
 def test_spend_metric_sums_the_costs(gateway: Gateway) -> None:
     def spend() -> float:
-        return metric(gateway.metrics(), "llm_spend_total", model="claude", team="default")
+        for line in gateway.metrics().splitlines():
+            if line.startswith('llm_spend_total{model="claude",team="default"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     before = spend()
     costs = [call(gateway, "claude") for _ in range(3)]
@@ -167,8 +170,12 @@ def test_openai_format_cost_is_computed_in_envoy_with_the_same_arithmetic(
             assert expected > 0
             assert float(raw.headers["x-llmux-response-cost"]) == pytest.approx(expected, rel=1e-12)
             # The spend metric is fed from the same answer through Envoy's access log.
-            text = gw.metrics_when(lambda m: metric(m, "llm_spend_total", model="o3") > 0)
-            spend = metric(text, "llm_spend_total", model="o3")
+            text = gw.metrics_when(lambda m: 'llm_spend_total{model="o3"' in m)
+            spend = next(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith('llm_spend_total{model="o3"')
+            )
             assert spend == pytest.approx(expected, rel=1e-9)
     finally:
         upstream.stop()
