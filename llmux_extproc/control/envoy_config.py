@@ -468,6 +468,169 @@ def _local_reply_config() -> dict[str, Any]:
     return {"mappers": mappers}
 
 
+# Envoy's replies to requests it cannot take as HTTP (its codec's and the connection
+# manager's checks, before any route or filter). Spike (raw sockets, Envoy 1.40): they carry
+# the DPE flag only after the reply is built, so the flag-based mappers above never see them;
+# their response code details (`http1.codec_error`, `low_version`, ...) tell them apart.
+# Each detail gets a message saying what was wrong; any other such reply keeps Envoy's
+# status with Envoy's words and the detail. Limits quoted are Envoy's defaults
+# (max_request_headers_kb 60, max_headers_count 100), measured: a 70,000-byte header and 150
+# headers got 431, a 16 KB path was served.
+PROTOCOL_ERRORS: dict[str, tuple[int, str]] = {
+    "missing_host_header": (400, "The request has no Host header; HTTP/1.1 requires one."),
+    "path_normalization_failed": (
+        400,
+        "The request path is not valid: it contains a '#' fragment or an invalid escape.",
+    ),
+    "low_version": (
+        426,
+        "This HTTP version is not accepted (HTTP/1.0 and 0.9 are refused); LLMux speaks "
+        "HTTP/1.1 and HTTP/2.",
+    ),
+    "http1.headers_too_large": (
+        431,
+        "The request line and headers are larger than 60 KiB; the URL may be too long.",
+    ),
+    "http1.too_many_headers": (431, "The request has more than 100 headers."),
+    "http1.invalid_characters": (400, "A header name or value contains characters HTTP forbids."),
+    "http1.content_length_and_chunked_not_allowed": (
+        400,
+        "The request has both Content-Length and Transfer-Encoding: chunked.",
+    ),
+    "http1.invalid_transfer_encoding": (
+        501,
+        "Transfer-Encoding other than chunked is not supported.",
+    ),
+    "http1.codec_error": (
+        400,
+        "Malformed HTTP/1.1 request (request line, header syntax, Content-Length or chunk "
+        "framing).",
+    ),
+    "request_payload_too_large": (
+        413,
+        "Request body is larger than llmux.max_request_body_bytes.",
+    ),
+    "absolute_path_rejected": (404, "The request target must be a path starting with '/'."),
+    "upgrade_failed": (
+        403,
+        "Connection upgrades and tunnels (WebSocket, CONNECT) are not supported.",
+    ),
+}
+# Statuses Envoy answers itself before routing; any reply with one of them that neither the
+# processor (details `llmux`) nor a route (`direct_response`, already OpenAI-shaped) made
+# is Envoy's and gets the shape too. 5xx other than 501 stay with the mappers above (the
+# health check filter's 503 is plain on purpose: probes read the status only).
+_PROTOCOL_STATUSES = (400, 403, 404, 405, 411, 414, 415, 426, 431, 501)
+_NOT_OURS_DETAILS = "!(response.code_details in ['llmux', 'direct_response', 'via_upstream'])"
+
+
+def _cel(expression: str) -> dict[str, Any]:
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                _TYPE: _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }
+    }
+
+
+def _status_is(status: int) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": "EQ",
+                "value": {
+                    "default_value": status,
+                    "runtime_key": f"llmux.local_reply.protocol.{status}",
+                },
+            }
+        }
+    }
+
+
+def _openai_error_format(status: int, message: str) -> dict[str, Any]:
+    return {
+        "json_format": {
+            "error": {
+                "message": message,
+                "type": error_type(status),
+                "param": None,
+                "code": str(status),
+            }
+        },
+        "content_type": "application/json",
+    }
+
+
+def _protocol_error_mappers() -> list[dict[str, Any]]:
+    """OpenAI-shaped bodies for Envoy's replies to malformed HTTP (see PROTOCOL_ERRORS)."""
+    # The status is compared first, so the processor's immediate answers (the mock's 200s
+    # among them) pass these mappers without a CEL evaluation.
+    mappers: list[dict[str, Any]] = []
+    for detail, (status, message) in PROTOCOL_ERRORS.items():
+        cel = _cel(f"response.code_details == '{detail}'")
+        mappers.append(
+            {
+                "filter": {"and_filter": {"filters": [_status_is(status), cel]}},
+                "body": {"inline_string": message},
+                "body_format_override": _openai_error_format(status, "%LOCAL_REPLY_BODY%"),
+            }
+        )
+    for status in _PROTOCOL_STATUSES:
+        mappers.append(
+            {
+                "filter": {
+                    "and_filter": {"filters": [_status_is(status), _cel(_NOT_OURS_DETAILS)]}
+                },
+                "body_format_override": _openai_error_format(
+                    status, "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"
+                ),
+            }
+        )
+    return mappers
+
+
+def _with_protocol_error_replies(local_reply: dict[str, Any]) -> dict[str, Any]:
+    """Envoy's protocol-error replies first: they are matched by response details, which
+    no other reply has."""
+    return {**local_reply, "mappers": [*_protocol_error_mappers(), *local_reply["mappers"]]}
+
+
+def _request_decompressor() -> dict[str, Any]:
+    """`Content-Encoding: gzip` request bodies are decompressed before anything reads them
+    (json_to_metadata, the processor); any other encoding meets a 415 route
+    (envoy_routing). Before the buffering filters, so max_request_body_bytes bounds the
+    decompressed body: a small gzip bomb still gets 413. Responses are left alone: the
+    processor and response.lua read them as the provider sent them."""
+    return {
+        "name": "envoy.filters.http.decompressor",
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.decompressor.v3.Decompressor",
+            "decompressor_library": {
+                "name": "gzip",
+                "typed_config": {
+                    _TYPE: _T + "envoy.extensions.compression.gzip.decompressor.v3.Gzip",
+                    # Envoy's default (100) cut JSON padded with whitespace short (measured:
+                    # 60 kB of spaces in 146 bytes); the body limit bounds what inflates.
+                    "max_inflate_ratio": 1032,
+                },
+            },
+            "request_direction_config": {
+                "common_config": {"enabled": _ON},
+                # The client's Accept-Encoding goes to the provider unchanged.
+                "advertise_accept_encoding": False,
+            },
+            "response_direction_config": {"common_config": {"enabled": _OFF}},
+        },
+    }
+
+
+_ON = {"default_value": True, "runtime_key": "llmux.request_decompression"}
+_OFF = {"default_value": False, "runtime_key": "llmux.response_decompression"}
+
+
 def _response_lua_filter() -> dict[str, Any]:
     """response.lua: usage, cost headers and the dropped usage chunk for OpenAI-format
     answers the processor handed back to Envoy (see that file)."""
@@ -637,10 +800,16 @@ def bootstrap(
         # Non-streamed completions can be silent for minutes; the route timeout bounds them.
         "stream_idle_timeout": _duration(s.request_timeout_s),
         "use_remote_address": True,
+        # An invalid HTTP/2 request resets its own stream, not the client's connection with
+        # every other stream on it (Envoy's default; spike: one uppercase header name cost
+        # a concurrent valid request its answer). Nothing can carry a status there.
+        "http2_protocol_options": {"override_stream_error_on_invalid_http_message": True},
         # Clients can quote it to operators; the access log carries the same id.
         "always_set_request_id_in_response": True,
         "access_log": _access_log(config),
-        "local_reply_config": _with_drain_reply(_local_reply_config()),
+        "local_reply_config": _with_drain_reply(
+            _with_protocol_error_replies(_local_reply_config())
+        ),
         "http_filters": [
             _health_check_filter(),
             _drain_filter(),
@@ -656,6 +825,7 @@ def bootstrap(
                     },
                 },
             },
+            _request_decompressor(),
             *envoy_routing.request_metadata_filters(),
             # Before the route's other filters: it may change the route.
             _alias_lua_filter(),

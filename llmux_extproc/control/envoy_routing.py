@@ -20,6 +20,8 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
+
 from llmux_extproc.control.config import Config, Deployment, RouterSettings
 from llmux_extproc.policy.strategies import DeploymentInfo, SimpleShuffle
 
@@ -522,7 +524,7 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
         "safe_regex": {"regex": _api_paths_regex()},
         "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
     }
-    table: list[dict[str, Any]] = []
+    table: list[dict[str, Any]] = [unsupported_encoding_route()]
     for group in config.model_names:
         policy = retry_policy(config, group)
         action: dict[str, Any] = {
@@ -582,6 +584,7 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
                 "route": local,
             }
         )
+    table.extend(_wrong_method_routes())
     table.extend(extra)
     table.append(
         {
@@ -599,6 +602,83 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
             ],
         }
     )
+    return table
+
+
+def method_not_allowed(match: dict[str, Any], allow: str) -> dict[str, Any]:
+    """A 405 with `Allow`, in OpenAI's shape, answered by Envoy."""
+    message = f"Method not allowed; this path accepts {allow}."
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "405",
+            }
+        }
+    ).decode()
+    return {
+        "match": match,
+        "direct_response": {"status": 405, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}},
+            {"header": {"key": "allow", "value": allow}},
+        ],
+    }
+
+
+def unsupported_encoding_route() -> dict[str, Any]:
+    """A request body in an encoding Envoy's decompressor did not undo (it takes gzip and
+    removes the header): 415, never forwarded as it is. Also met by a gzip body that does
+    not inflate (corrupt, or beyond the inflate ratio): its JSON cannot be read, so the
+    route chosen on the headers, while they still named the encoding, stands (spike)."""
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": "Content-Encoding is not supported, or the gzip body could not "
+                "be decompressed; send the body uncompressed or gzip-compressed.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "415",
+            }
+        }
+    ).decode()
+    encoded = [
+        {"name": "content-encoding", "present_match": True},
+        {
+            "name": "content-encoding",
+            "string_match": {"exact": "identity", "ignore_case": True},
+            "invert_match": True,
+        },
+    ]
+    return {
+        "match": {"prefix": "/", "headers": encoded},
+        "direct_response": {"status": 415, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}}
+        ],
+    }
+
+
+def _not_method(method: str) -> list[dict[str, Any]]:
+    return [{"name": ":method", "string_match": {"exact": method}, "invert_match": True}]
+
+
+def _wrong_method_routes() -> list[dict[str, Any]]:
+    """Known paths asked with a method they do not take: 405, not the catch-all's 404.
+    After the routes that take them (the API's POST, the model list's GET), before the
+    extra routes, so /metrics and /health get theirs whatever serves the right method."""
+    table = [method_not_allowed({"safe_regex": {"regex": _api_paths_regex()}}, "POST")]
+    # CONNECT has no path; without a route for it, it waited for ever in json_to_metadata
+    # (a tunnel's body never ends). With one, Envoy refuses the tunnel at once, since no
+    # CONNECT upgrade is configured: 403 `upgrade_failed` (spike), shaped by envoy_config.
+    table.append(method_not_allowed({"connect_matcher": {}}, "GET, POST"))
+    table += [method_not_allowed({"path": p}, "GET") for p in MODEL_LIST_PATHS]
+    # The metrics server (prometheus_client) takes GET and OPTIONS, and answers anything
+    # else with a plain-text 405.
+    for path in ("/metrics", "/health"):
+        table.append(method_not_allowed({"path": path, "headers": _not_method("GET")}, "GET"))
     return table
 
 

@@ -396,6 +396,8 @@ class Gateway:
         assert self.keys is not None
         try:
             answer = await management.handle(self.keys, method, path, body)
+        except management.MethodNotAllowed as err:
+            return Immediate(err.status, err.body(), {"allow": err.allow}, {"error": err.type})
         except GatewayError as err:
             return _error(err)
         return Immediate(answer.status, orjson.dumps(answer.body), answer.headers)
@@ -437,6 +439,10 @@ class Gateway:
                 if refusal is not None:
                     raise refusal
             dep = ctx.attempt.deployment
+            if dep is None and _nesting(req.body) >= ENCODE_DEPTH - _PROVIDER_NESTING:
+                # Envoy's JSON reader gives up before orjson's (measured: 800 levels read,
+                # 1000 not), so such a body reaches no group.
+                raise _too_deep(_nesting(req.body))
             if dep is None or dep.model_name not in state.answering[req.model]:
                 # Envoy's routes and this worker's config disagree: a reload is under way.
                 raise GatewayError(
@@ -451,6 +457,15 @@ class Gateway:
             held = self._admit(dep)
         except GatewayError as err:
             return _error(err)
+        except orjson.JSONEncodeError:
+            # orjson parses 1024 levels of nesting but encodes only 254 (measured): a body
+            # in between parses and then cannot be re-encoded for the provider, whose format
+            # may nest the client's values a few levels deeper. Checked on the failure only,
+            # so a well-formed request pays nothing for it.
+            depth = _nesting(orjson.loads(body))
+            if depth < ENCODE_DEPTH - _PROVIDER_NESTING:
+                raise
+            return _error(_too_deep(depth))
         assert dep.upstream is not None
         remove: tuple[str, ...] = ()
         if ctx.attempt.number > 1:
@@ -913,6 +928,33 @@ def attempt_headers(ex: Exchange) -> dict[str, str]:
         "x-litellm-attempted-retries": str(attempt.retries),
         "x-litellm-attempted-fallbacks": str(attempt.priority),
     }
+
+
+# The nesting orjson refuses to encode (arrays or objects inside one another), and the
+# levels a provider's format may add around the client's values.
+ENCODE_DEPTH = 255
+_PROVIDER_NESTING = 8
+
+
+def _too_deep(depth: int) -> GatewayError:
+    return bad_request(
+        f"Request body is nested {depth} levels deep; LLMux forwards at most "
+        f"{ENCODE_DEPTH - _PROVIDER_NESTING - 1}."
+    )
+
+
+def _nesting(value: Any) -> int:
+    """How deeply arrays and objects are nested in a parsed JSON value (no recursion:
+    the value may be nested deeper than Python's stack allows)."""
+    deepest = 0
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _error(err: GatewayError) -> Immediate:
