@@ -164,7 +164,7 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     names = [f["name"] for f in hcm["http_filters"]]
     # No downstream processor: the processor runs per attempt on the group clusters.
     assert "envoy.filters.http.ext_proc" not in names
-    assert names[-8:] == [
+    assert names[-9:] == [
         "envoy.filters.http.header_mutation",
         # Before everything that reads the body (issue 10: gzip bodies are decompressed).
         "envoy.filters.http.decompressor",
