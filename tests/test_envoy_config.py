@@ -164,8 +164,9 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     names = [f["name"] for f in hcm["http_filters"]]
     # No downstream processor: the processor runs per attempt on the group clusters.
     assert "envoy.filters.http.ext_proc" not in names
-    assert names[-9:] == [
-        "envoy.filters.http.header_mutation",
+    # Client-sent x-llmux-* headers go first, before anything reads headers or routes.
+    assert names[0] == "envoy.filters.http.header_mutation"
+    assert names[-8:] == [
         # Before everything that reads the body (issue 10: gzip bodies are decompressed).
         "envoy.filters.http.decompressor",
         "envoy.filters.http.header_to_metadata",
@@ -177,8 +178,10 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
         "envoy.filters.http.router",
     ]
     mutations = hcm["http_filters"][names.index("envoy.filters.http.header_mutation")]
-    removed = {m["remove"] for m in mutations["typed_config"]["mutations"]["request_mutations"]}
-    assert {envoy_routing.RETRY_HEADER, envoy_routing.MARKS_HEADER} <= removed
+    (removed,) = mutations["typed_config"]["mutations"]["request_mutations"]
+    assert removed == {"remove_on_match": {"key_matcher": {"prefix": "x-llmux-"}}}
+    assert envoy_routing.RETRY_HEADER.startswith("x-llmux-")
+    assert envoy_routing.MARKS_HEADER.startswith("x-llmux-")
     keys = hcm["http_filters"][names.index("envoy.filters.http.header_to_metadata")]
     rules = {r["header"]: r for r in keys["typed_config"]["request_rules"]}
     # Client keys leave the request (kept in metadata for every attempt); the path stays.

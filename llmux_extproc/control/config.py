@@ -8,6 +8,7 @@ as warnings, never silently treated as honoured.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -120,6 +121,10 @@ class Settings:
     # more than failure_rate of at least min_requests attempts in window failed, stays open
     # for open_time, then lets half_open_probes probes through.
     breaker: dict[str, float] = field(default_factory=dict)
+    # /metrics on the public listener: "auth" (the master key, when one is set), "open"
+    # (anyone, LiteLLM's default) or "off" (only at `metrics`). Spend by team and model is
+    # not for every caller to read.
+    listener_metrics: str = "auth"
     # Spend log rows a worker holds while PostgreSQL is unreachable; more are dropped.
     spend_log_queue: int = 50_000
 
@@ -204,6 +209,10 @@ class Config:
     # LiteLLM's Prometheus callback (`litellm_settings.callbacks: ["prometheus"]`): also
     # export LiteLLM's metric names and labels (observability/metrics.py).
     litellm_metrics: bool = False
+    # LiteLLM's litellm_settings.turn_off_message_logging, inverted, and off unless that is
+    # explicitly false: whether log lines may carry what providers say about a request
+    # (their error messages echo prompts). Redaction applies either way.
+    message_logging: bool = False
 
     @property
     def routing_strategy(self) -> str:
@@ -303,7 +312,14 @@ LITELLM_ROUTER_KEYS = {
 CALLBACK_KEYS = ("callbacks", "success_callback", "failure_callback")
 # Callback names LLMux honours; any other name in those lists is a warning naming it.
 SUPPORTED_CALLBACKS = {"prometheus"}
-LITELLM_KEYS = {"drop_params", *CALLBACK_KEYS, *LITELLM_ROUTER_KEYS}
+LITELLM_KEYS = {
+    "drop_params",
+    # Secrets and privacy (README): /metrics on the listener, provider messages in the log.
+    "require_auth_for_metrics_endpoint",
+    "turn_off_message_logging",
+    *CALLBACK_KEYS,
+    *LITELLM_ROUTER_KEYS,
+}
 # The `llmux:` section (docs/configuration.md lists each; a test holds them to it).
 LLMUX_KEYS = {
     "listen",
@@ -321,6 +337,7 @@ LLMUX_KEYS = {
     "reload_poll_interval",
     "drain_timeout",
     "circuit_breaker",
+    "listener_metrics",
     "spend_log_queue",
 }
 KNOWN_SECTIONS = {
@@ -427,6 +444,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     ).lower() not in ("1", "true", "yes")
 
     settings = _parse_settings(_mapping(raw.get("llmux"), "llmux"))
+    settings = _listener_metrics(settings, raw.get("llmux") or {}, litellm)
+    message_logging = litellm.get("turn_off_message_logging", True) is False
     model_list = raw.get("model_list") or []
     if not isinstance(model_list, list):
         raise ConfigError("model_list: must be a list")
@@ -463,7 +482,27 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         key_cache_ttl_s=key_cache_ttl,
         schema_update=schema_update,
         litellm_metrics=prometheus_callback(litellm),
+        message_logging=message_logging,
     )
+
+
+LISTENER_METRICS = ("auth", "open", "off")
+
+
+def _listener_metrics(settings: Settings, raw: dict[str, Any], litellm: dict[str, Any]) -> Settings:
+    """llmux.listener_metrics, else LiteLLM's require_auth_for_metrics_endpoint (false:
+    open), else "auth"."""
+    if "listener_metrics" in raw:
+        given = raw["listener_metrics"]
+        # YAML 1.1 reads a bare `off` as false.
+        value = _choice(
+            "off" if given is False else given, "llmux.listener_metrics", LISTENER_METRICS
+        )
+    elif litellm.get("require_auth_for_metrics_endpoint") is False:
+        value = "open"
+    else:
+        value = "auth"
+    return dataclasses.replace(settings, listener_metrics=value)
 
 
 def prometheus_callback(litellm: dict[str, Any]) -> bool:

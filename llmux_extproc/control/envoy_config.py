@@ -17,7 +17,8 @@ from typing import Any
 
 from llmux_extproc.control import envoy_routing
 from llmux_extproc.control.config import Config, Listen
-from llmux_extproc.control.envoy_routing import EXTPROC_CLUSTER, MARKS_HEADER, RETRY_HEADER
+from llmux_extproc.control.envoy_routing import EXTPROC_CLUSTER, RETRY_HEADER
+from llmux_extproc.db import management
 from llmux_extproc.errors import error_type
 
 METRICS_CLUSTER = "llmux_metrics"
@@ -35,8 +36,10 @@ ACCESS_LOG_NAME = "llmux-streams"
 HEALTH_CHECK_INTERVAL_S = 0.5  # Envoy's gRPC health checks of each ext_proc worker
 # Set to 100 through Envoy's admin runtime while `llmux run` drains: new requests get 503.
 DRAINING_RUNTIME_KEY = "llmux.draining"
-READY_PATHS = "^/health/(ready|readiness)$"
-STILL_SERVED_WHILE_DRAINING = "^/(health/live|health/liveliness|metrics)$"
+# Matched against `:path`, which holds the query: `/health/readiness?x=1` skipped the
+# readiness check and got the route's unconditional 200 while no worker was up.
+READY_PATHS = r"^/health/(ready|readiness)(\?.*)?$"
+STILL_SERVED_WHILE_DRAINING = r"^/(health/live|health/liveliness|metrics)(\?.*)?$"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 _TYPE = "@type"
@@ -102,7 +105,7 @@ def cds_document(clusters: list[dict[str, Any]], version: str) -> dict[str, Any]
 
 
 def rds_document(config: Config, version: str) -> dict[str, Any]:
-    route = envoy_routing.route_configuration(config, _extra_routes())
+    route = envoy_routing.route_configuration(config, _extra_routes(config))
     return {
         "version_info": version,
         "resources": [{_TYPE: _T + "envoy.config.route.v3.RouteConfiguration", **route}],
@@ -368,10 +371,30 @@ def _metrics_cluster(config: Config) -> dict[str, Any]:
     }
 
 
-_INTERNAL_HEADERS = (RETRY_HEADER, MARKS_HEADER, "x-llmux-cluster", "x-llmux-stream")
+# What the access log says for the path of a request on a path LLMux does not serve.
+UNLOGGED_PATH = "(a path LLMux does not serve; not logged)"
+# Every request header LLMux uses internally starts with it; clients may send none.
+INTERNAL_HEADER_PREFIX = "x-llmux-"
 
 
-def _extra_routes() -> list[dict[str, Any]]:
+def _internal_headers_filter() -> dict[str, Any]:
+    """Internal headers are LLMux's alone: every client-sent `x-llmux-*` header (not only
+    the ones in use today) is removed by the first filter, before anything reads the
+    headers or matches a route, and the processor's retry marker never reaches a client."""
+    prefix = {"key_matcher": {"prefix": INTERNAL_HEADER_PREFIX}}
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {
+                "request_mutations": [{"remove_on_match": prefix}],
+                "response_mutations": [{"remove": RETRY_HEADER}],
+            },
+        },
+    }
+
+
+def _extra_routes(config: Config) -> list[dict[str, Any]]:
     """Routes beside the API's: health, metrics, the management API."""
     json_ct = [{"header": {"key": "content-type", "value": "application/json"}}]
     table: list[dict[str, Any]] = [
@@ -398,17 +421,49 @@ def _extra_routes() -> list[dict[str, Any]]:
             "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "10s"},
         }
     )
-    # LiteLLM's management API (keys, teams, users, spend reports): answered by the
-    # processor (behind the master key) from PostgreSQL, GET and POST alike.
-    for prefix in ("/key/", "/team/", "/user/", "/spend/", "/global/spend/"):
+    # LiteLLM's key and team management API: answered by the processor (behind the master
+    # key) from PostgreSQL, GET and POST alike.
+    # Its paths one by one: what is left under the prefixes is not LLMux's.
+    for path in sorted(management.PATHS):
         table.append(
             {
-                "match": {"prefix": prefix},
+                "match": {"path": path},
                 "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "30s"},
             }
         )
-    table.append({"match": {"path": "/metrics"}, "route": {"cluster": METRICS_CLUSTER}})
+    for prefix in ("/key/", "/team/"):
+        table.append(
+            # Paths not listed, and LiteLLM's `/key/{key}/regenerate` (the processor serves
+            # it): their paths may hold a key, so the access log leaves them out.
+            envoy_routing.opaque_route(
+                {
+                    "match": {"prefix": prefix},
+                    "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "30s"},
+                }
+            )
+        )
+    table.extend(_metrics_routes(config))
     return table
+
+
+def _metrics_routes(config: Config) -> list[dict[str, Any]]:
+    """/metrics on the public listener (llmux.listener_metrics): "auth" sends GETs to the
+    processor, which asks for the master key (when one is set) and answers with the same
+    figures as `llmux.metrics`; "open" is Envoy straight to the metrics server; "off"
+    leaves it to the catch-all 404. The master key stays out of Envoy's config (an exact
+    header match would put it in /config_dump)."""
+    mode = config.settings.listener_metrics
+    if mode == "open":
+        return [{"match": {"path": "/metrics"}, "route": {"cluster": METRICS_CLUSTER}}]
+    if mode == "off":
+        return []
+    get = [{"name": ":method", "string_match": {"exact": "GET"}}]
+    return [
+        {
+            "match": {"path": "/metrics", "headers": get},
+            "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "10s"},
+        }
+    ]
 
 
 def _local_reply_config() -> dict[str, Any]:
@@ -743,7 +798,9 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
         "time": "%START_TIME%",
         "request_id": "%REQ(X-REQUEST-ID)%",
         "method": "%REQ(:METHOD)%",
-        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        # Never the query string: clients put keys there (`?api_key=`, `?key=`, the
+        # management API's `/key/info?key=sk-...`).
+        "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
         "status": "%RESPONSE_CODE%",
         "flags": "%RESPONSE_FLAGS%",
         "latency_ms": "%DURATION%",
@@ -765,24 +822,50 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
         "envoy_usage": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:usage)%",
         "envoy_cost": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:cost)%",
     }
+    log_format: dict[str, Any] = {
+        "json_format": fmt,
+        "formatters": [
+            {
+                "name": "envoy.formatter.req_without_query",
+                "typed_config": {
+                    _TYPE: _T + "envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"
+                },
+            }
+        ],
+    }
+    # A path LLMux does not serve may hold anything, a key in a segment included
+    # (`/key/sk-.../regenerate`): such requests (their routes mark them with OPAQUE_HEADER)
+    # are logged by a second logger whose path is a constant.
+    opaque_format = {**log_format, "json_format": {**fmt, "path": UNLOGGED_PATH}}
+    return [
+        _text_log(target, log_format, opaque=False),
+        _text_log(target, opaque_format, opaque=True),
+        accounting,
+    ]
+
+
+def _text_log(target: str, log_format: dict[str, Any], *, opaque: bool) -> dict[str, Any]:
+    typed: dict[str, Any] = {"log_format": log_format}
     if target == "stdout":
-        log = {
-            "name": "envoy.access_loggers.stdout",
-            "typed_config": {
-                _TYPE: _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                "log_format": {"json_format": fmt},
-            },
-        }
+        name = "envoy.access_loggers.stdout"
+        typed[_TYPE] = _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
     else:
-        log = {
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                _TYPE: _T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": target,
-                "log_format": {"json_format": fmt},
-            },
-        }
-    return [log, accounting]
+        name = "envoy.access_loggers.file"
+        typed[_TYPE] = _T + "envoy.extensions.access_loggers.file.v3.FileAccessLog"
+        typed["path"] = target
+    return {
+        "name": name,
+        "filter": {
+            "header_filter": {
+                "header": {
+                    "name": envoy_routing.OPAQUE_HEADER,
+                    "present_match": True,
+                    "invert_match": not opaque,
+                }
+            }
+        },
+        "typed_config": typed,
+    }
 
 
 def bootstrap(
@@ -811,20 +894,9 @@ def bootstrap(
             _with_protocol_error_replies(_local_reply_config())
         ),
         "http_filters": [
+            _internal_headers_filter(),
             _health_check_filter(),
             _drain_filter(),
-            {
-                # Internal headers are LLMux's alone: clients cannot send them, and the
-                # processor's retry marker never reaches a client.
-                "name": "envoy.filters.http.header_mutation",
-                "typed_config": {
-                    _TYPE: _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                    "mutations": {
-                        "request_mutations": [{"remove": h} for h in _INTERNAL_HEADERS],
-                        "response_mutations": [{"remove": RETRY_HEADER}],
-                    },
-                },
-            },
             _request_decompressor(),
             *envoy_routing.request_metadata_filters(),
             # Before the route's other filters: it may change the route.
@@ -845,7 +917,7 @@ def bootstrap(
         ],
     }
     if static_clusters:
-        hcm["route_config"] = envoy_routing.route_configuration(config, _extra_routes())
+        hcm["route_config"] = envoy_routing.route_configuration(config, _extra_routes(config))
     else:
         hcm["rds"] = {
             "route_config_name": envoy_routing.ROUTE_CONFIG,

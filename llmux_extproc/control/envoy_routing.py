@@ -46,6 +46,31 @@ MARKS_HEADER = "x-llmux-marks"
 PROMPT_FILTER = "llmux.prompt"  # prompt.lua's Lua filter, enabled on stream routes
 ALIAS_FILTER = "llmux.alias"  # alias.lua: key model aliases, on the unknown-model route
 ALIAS_PATH = "/llmux/alias"  # what alias.lua asks the processor, through llmux_local
+# Routes whose request paths the access log leaves out (envoy_config) set this request
+# header, through the first filter's per-route config.
+OPAQUE_ROUTE = "llmux_opaque_path"
+OPAQUE_HEADER = "x-llmux-opaque-path"
+
+
+def opaque_route(route: dict[str, Any]) -> dict[str, Any]:
+    """`route` marked for the access log as one whose path is not LLMux's (the catch-all
+    404, what the management prefixes do not serve): its requests' paths may hold anything,
+    a key included, and are not logged. A request header the access log's header filter
+    reads: a CEL filter on the route name cost ~10 us of Envoy CPU per request (measured)."""
+    mark = {
+        "append": {
+            "header": {"key": OPAQUE_HEADER, "value": "1"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    }
+    per_filter = route.setdefault("typed_per_filter_config", {})
+    per_filter["envoy.filters.http.header_mutation"] = {
+        _TYPE: _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
+        "mutations": {"request_mutations": [mark]},
+    }
+    return {"name": OPAQUE_ROUTE, **route}
+
+
 API_PATHS = ("/v1/chat/completions", "/chat/completions", "/v1/embeddings", "/embeddings")
 MODEL_LIST_PATHS = ("/v1/models", "/models")
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -587,20 +612,22 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
     table.extend(_wrong_method_routes())
     table.extend(extra)
     table.append(
-        {
-            "match": {"prefix": "/"},
-            "direct_response": {
-                "status": 404,
-                "body": {
-                    "inline_string": '{"error":{"message":"Unknown path. LLMux serves '
-                    '/v1/chat/completions, /v1/embeddings and /v1/models.",'
-                    '"type":"not_found_error","param":null,"code":"404"}}'
+        opaque_route(
+            {
+                "match": {"prefix": "/"},
+                "direct_response": {
+                    "status": 404,
+                    "body": {
+                        "inline_string": '{"error":{"message":"Unknown path. LLMux serves '
+                        '/v1/chat/completions, /v1/embeddings and /v1/models.",'
+                        '"type":"not_found_error","param":null,"code":"404"}}'
+                    },
                 },
-            },
-            "response_headers_to_add": [
-                {"header": {"key": "content-type", "value": "application/json"}}
-            ],
-        }
+                "response_headers_to_add": [
+                    {"header": {"key": "content-type", "value": "application/json"}}
+                ],
+            }
+        )
     )
     return table
 

@@ -16,10 +16,11 @@ accounted later by `account_passthrough`), a `StreamSession` chunk by chunk, or
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Container, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ from llmux_extproc.providers.mock import MockAdapter
 from llmux_extproc.providers.openai import OpenAIStream, client_wants_usage
 from llmux_extproc.providers.registry import adapter_for, provider_header_names
 
+log = logging.getLogger("llmux.gateway")
+
 OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/chat/completions": "chat",
@@ -81,6 +84,25 @@ _CONTEXT_WINDOW_HINTS = (
 )
 _CONTENT_POLICY_HINTS = ("content policy", "content_policy", "content_filter", "safety")
 VALID_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+# The only request headers a provider gets besides the pseudo-headers and what its adapter
+# sets: everything else the client sent (cookies, proxy credentials, tracing and SDK
+# headers) and Envoy's x-forwarded-* and x-envoy-* are removed, as LiteLLM forwards no
+# client header by default. `accept-encoding` goes too: a compressed answer could be
+# neither translated nor read for its usage. Two of Envoy's stay: the removal edits the
+# request's one header map, which the logs read when the attempt ends, `x-request-id` in
+# the access log (removing it nulled the log's request_id in a spike) and
+# `x-envoy-attempt-count` in the upstream log (the control plane counts retries by it).
+CLIENT_HEADERS_TO_PROVIDER = frozenset({"content-type", "x-request-id", "x-envoy-attempt-count"})
+
+
+def dropped_client_headers(request_headers: Iterable[str], keep: Container[str]) -> list[str]:
+    """The request headers an attempt must remove: all but the allow-list and `keep` (what
+    the adapter sets). On a retry that includes what the previous attempt set."""
+    return [
+        h
+        for h in request_headers
+        if h not in keep and h not in CLIENT_HEADERS_TO_PROVIDER and h[:1] != ":"
+    ]
 
 
 @dataclass(slots=True)
@@ -326,6 +348,12 @@ class Gateway:
             if caller.principal is not None:
                 return Immediate(200, self._model_list(caller.principal))
             return Immediate(200, state.model_list)
+        if method == "GET" and path == "/metrics":  # llmux.listener_metrics: auth
+            refusal = self._metrics_refusal(caller)
+            if refusal is not None:
+                return _error(refusal)
+            text, content_type = metrics.render()
+            return Immediate(200, text, {"content-type": content_type})
         if management.owns(path) or (method == "GET" and path == "/health"):
             refusal = self._admin_only(caller, path)
             if refusal is not None:
@@ -348,6 +376,16 @@ class Gateway:
         if target is None or target not in self.state.known_models:
             return Immediate(404, b"{}")
         return Immediate(200, b"{}", {"x-llmux-alias": target})
+
+    def _metrics_refusal(self, caller: Caller) -> GatewayError | None:
+        """Spend by team and model is the operator's: with a master key set, /metrics needs
+        it (a missing or wrong key was already refused with a 401); a virtual key gets 403.
+        Without a master key there are no keys to ask for."""
+        if caller.principal is not None or (self.state.config.master_key and not caller.admin):
+            return GatewayError(
+                403, "/metrics needs the master key; a virtual key may not read it."
+            )
+        return None
 
     def _admin_only(self, caller: Caller, path: str) -> GatewayError | None:
         if caller.principal is not None:
@@ -625,6 +663,12 @@ class Gateway:
             err = exchange.adapter.error(status, body, dep)
             # Labelled by status class, not the provider's free-form type: bounded values.
             metrics.UPSTREAM_ERRORS.labels(error_type(err.status)).inc()
+            if self.state.config.message_logging:
+                # Providers echo prompts in their messages: logged only when
+                # litellm_settings.turn_off_message_logging is false, and redacted then.
+                log.warning(
+                    "deployment %s (%s) answered %d: %s", dep.id, dep.provider, status, err.message
+                )
             retry = self._worth_retrying(exchange, status, err)
             action = self._account(exchange, err.status, None, err, final=not retry)
             action.retry = retry
@@ -991,7 +1035,8 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise bad_request(f"messages[{i}] must be an object.", f"messages[{i}]")
         role = message.get("role")
-        if role not in VALID_ROLES:
+        # A role that is no string is refused as any other (a list raised TypeError: a 500).
+        if not isinstance(role, str) or role not in VALID_ROLES:
             raise bad_request(
                 f"messages[{i}].role must be one of {sorted(VALID_ROLES)}, got {role!r}.",
                 f"messages[{i}].role",

@@ -422,3 +422,16 @@ def serve(host: str, port: int) -> None:
         start_http_server(port, addr=host)
     else:
         start_http_server(port, addr=host, registry=registry)
+
+
+def render() -> tuple[bytes, str]:
+    """The Prometheus text `serve` answers with (every process's figures in multiprocess
+    mode), and its content type: for /metrics on the public listener, answered by a worker
+    once the caller showed the master key."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+    registry: CollectorRegistry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
