@@ -125,6 +125,8 @@ class Settings:
     # (anyone, LiteLLM's default) or "off" (only at `metrics`). Spend by team and model is
     # not for every caller to read.
     listener_metrics: str = "auth"
+    # Spend log rows a worker holds while PostgreSQL is unreachable; more are dropped.
+    spend_log_queue: int = 50_000
 
 
 # LiteLLM's retry_policy classes, and the statuses each stands for. A class set to 0 is
@@ -336,6 +338,7 @@ LLMUX_KEYS = {
     "drain_timeout",
     "circuit_breaker",
     "listener_metrics",
+    "spend_log_queue",
 }
 KNOWN_SECTIONS = {
     "model_list",
@@ -786,7 +789,15 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         reload_poll_s=_positive(raw.get("reload_poll_interval", 1.0), "llmux.reload_poll_interval"),
         drain_timeout_s=_positive(raw.get("drain_timeout", 60), "llmux.drain_timeout"),
         breaker=_breaker(_mapping(raw.get("circuit_breaker"), "llmux.circuit_breaker")),
+        spend_log_queue=_spend_log_queue(raw.get("spend_log_queue", 50_000)),
     )
+
+
+def _spend_log_queue(value: Any) -> int:
+    size = _int(value, "llmux.spend_log_queue")
+    if size < 1:
+        raise ConfigError("llmux.spend_log_queue: must be at least 1 (rows per worker)")
+    return size
 
 
 def _access_log(value: Any) -> str:

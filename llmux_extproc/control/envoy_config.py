@@ -433,7 +433,8 @@ def _extra_routes(config: Config) -> list[dict[str, Any]]:
         )
     for prefix in ("/key/", "/team/"):
         table.append(
-            # Not served: `/key/{key}/regenerate` (LiteLLM's) would log a key.
+            # Paths not listed, and LiteLLM's `/key/{key}/regenerate` (the processor serves
+            # it): their paths may hold a key, so the access log leaves them out.
             envoy_routing.opaque_route(
                 {
                     "match": {"prefix": prefix},
@@ -713,6 +714,19 @@ def _prompt_lua_filter() -> dict[str, Any]:
     }
 
 
+def _alias_lua_filter() -> dict[str, Any]:
+    """alias.lua (a key's model aliases): enabled only on the route of API requests for a
+    model no group serves (envoy_routing), so known models never pay for it."""
+    script = resources.files("llmux_extproc.dataplane").joinpath("alias.lua").read_text()
+    return {
+        "name": envoy_routing.ALIAS_FILTER,
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.lua.v3.Lua",
+            "source_codes": {"alias": {"inline_string": script}},
+        },
+    }
+
+
 def _stream_usage_filter() -> dict[str, Any]:
     """Envoy reads `usage` from OpenAI-format SSE itself, so streams passed through untouched
     need no Python per chunk; the last `usage` seen wins (earlier chunks carry null)."""
@@ -764,10 +778,14 @@ def _stream_accounting_log() -> dict[str, Any]:
                 "log_name": ACCESS_LOG_NAME,
                 "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
                 "transport_api_version": "V3",
-                "buffer_flush_interval": "0.2s",
+                "buffer_flush_interval": f"{ACCOUNTING_FLUSH_S}s",
             },
         },
     }
+
+
+# How long an answer's accounting entry may wait in Envoy's gRPC access log buffer.
+ACCOUNTING_FLUSH_S = 0.2
 
 
 def _access_log(config: Config) -> list[dict[str, Any]]:
@@ -881,6 +899,8 @@ def bootstrap(
             _drain_filter(),
             _request_decompressor(),
             *envoy_routing.request_metadata_filters(),
+            # Before the route's other filters: it may change the route.
+            _alias_lua_filter(),
             # Response order is the reverse: a stream's usage is read (sse_to_metadata)
             # before it is dropped (lua).
             _prompt_lua_filter(),

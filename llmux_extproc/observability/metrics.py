@@ -71,6 +71,10 @@ ASYNCIO_TASKS = Gauge(
     "asyncio tasks alive in the ext_proc workers (sampled each second)",
     multiprocess_mode="livesum",
 )
+SPEND_LOG_DROPPED = Counter(
+    "llmux_spend_log_dropped",
+    "Spend log rows dropped: the worker's queue was full (PostgreSQL down or too slow)",
+)
 CONFIG_RELOADS = Counter("llmux_config_reloads", "Config reload attempts", ["result"])
 # Written by the supervisor's control plane (one process), labelled by config values only.
 DEPLOYMENT_STATE = Gauge(
