@@ -388,18 +388,20 @@ class Gateway:
         return None
 
     def _admin_only(self, caller: Caller, path: str) -> GatewayError | None:
+        # The messages never quote the path: LiteLLM's /key/{key}/regenerate carries a key.
         if caller.principal is not None:
-            return GatewayError(403, f"{path} needs the master key; a virtual key may not call it.")
+            return GatewayError(
+                403, "This path needs the master key; a virtual key may not call it."
+            )
         if management.owns(path):
             if not caller.admin:
                 return GatewayError(
-                    403,
-                    f"{path}: the management API needs general_settings.master_key to be set.",
+                    403, "The management API needs general_settings.master_key to be set."
                 )
             if self.keys is None:
                 return GatewayError(
                     400,
-                    f"{path}: no database is configured; set general_settings.database_url "
+                    "The management API needs a database: set general_settings.database_url "
                     "or DATABASE_URL.",
                     code="no_database",
                 )
