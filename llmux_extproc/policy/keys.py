@@ -73,8 +73,8 @@ ALL_MODELS: Final = ModelScope()
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What LiteLLM's rows say one key, team or user may use. Kept for the rate-limit and
-    budget slices (docs/architecture.md); nothing enforces them yet."""
+    """What LiteLLM's rows say one key, team or user may use; `policy/limits.py` and
+    `policy/budgets.py` enforce them."""
 
     rpm_limit: int | None = None
     tpm_limit: int | None = None
@@ -83,6 +83,7 @@ class Limits:
     soft_budget: float | None = None
     budget_duration: str | None = None
     spend: float = 0.0
+    budget_reset_at: float | None = None  # epoch seconds: the end of the budget's window
     model_rpm_limit: Mapping[str, int] = field(default_factory=dict)
     model_tpm_limit: Mapping[str, int] = field(default_factory=dict)
 
