@@ -226,8 +226,8 @@ async def test_redis_admission_is_one_round_trip() -> None:
 
 
 async def test_redis_down_falls_back_to_the_local_buckets(caplog: pytest.LogCaptureFixture) -> None:
-    from tests.harness import free_port
     from llmux_extproc.observability import metrics
+    from tests.harness import free_port
 
     clock = Clock()
     dead = aioredis.Redis(
