@@ -82,6 +82,7 @@ class StreamAccounting(AccessLogServiceServicer):  # type: ignore[misc]
             completed=not common.response_flags.downstream_connection_termination,
             ttft_s=ttft,
             duration_s=common.duration.ToTimedelta().total_seconds(),
+            request_id=marks["rid"].string_value if "rid" in marks else None,
         )
 
 

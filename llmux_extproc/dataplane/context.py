@@ -50,3 +50,6 @@ class Attempt:
 class RequestContext:
     caller: Caller
     attempt: Attempt
+    # Envoy's x-request-id: the same on every attempt, so it names the request's
+    # rate-limit and budget reservation (policy/limits.py).
+    request_id: str = ""

@@ -289,10 +289,12 @@ class _HttpStream:
 
     def _context(self, caller: Caller, host: tuple[int, str] | None) -> RequestContext:
         number = int(self.headers.get("x-envoy-attempt-count") or 1)
+        rid = self.headers.get("x-request-id", "")
         if host is None:
-            return RequestContext(caller, Attempt(number, None))
+            return RequestContext(caller, Attempt(number, None), rid)
         priority, dep_id = host
-        return RequestContext(caller, Attempt(number, self.gateway.deployment(dep_id), priority))
+        attempt = Attempt(number, self.gateway.deployment(dep_id), priority)
+        return RequestContext(caller, attempt, rid)
 
     def _response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         for h in msg.headers.headers:

@@ -26,6 +26,7 @@ from llmux_extproc.dataplane.extproc import Processor
 from llmux_extproc.dataplane.gateway import Gateway
 from llmux_extproc.observability import metrics
 from llmux_extproc.policy.bulkhead import Bulkhead
+from llmux_extproc.policy.limits import Limiter
 
 log = logging.getLogger("llmux.worker")
 
@@ -62,6 +63,26 @@ def _needs_tokenizer(config: Config) -> bool:
     )
 
 
+def make_limiter(config: Config, runtime_dir: str | None) -> Limiter:
+    """Rate limits and budgets: Redis when configured (replicas share them), in front of
+    this replica's own state (its workers share a SQLite file; alone, a dict)."""
+    from llmux_extproc.policy.limits import LocalLimiter, MemoryState, SharedState
+
+    state = SharedState(Path(runtime_dir, "limits.sqlite")) if runtime_dir else MemoryState()
+    local = LocalLimiter(state)
+    if not config.redis_url:
+        return local
+    import redis.asyncio as aioredis
+
+    from llmux_extproc.policy.redis_limits import TIMEOUT_S, RedisLimiter
+
+    # Changing the Redis settings needs a restart, as database_url does.
+    client = aioredis.Redis.from_url(
+        config.redis_url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
+    )
+    return RedisLimiter(client, local, os.environ.get("LLMUX_REDIS_PREFIX", "llmux:"))
+
+
 def grpc_options() -> list[tuple[str, int]]:
     # No message size cap of the worker's own: its only peer is Envoy, over a socket in the
     # runtime directory, whose buffers already bound every message (bodies by the body
@@ -92,6 +113,8 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
         # Changing database_url needs a restart (the supervisor refuses it as a reload).
         gateway.keys = KeyStore(config.database_url, config.key_cache_ttl_s)
         await gateway.keys.start()
+        gateway.limiter = make_limiter(config, runtime_dir)
+        gateway.loop = asyncio.get_running_loop()
     server = grpc.aio.server(options=grpc_options())
     add_ExternalProcessorServicer_to_server(Processor(gateway), server)
     add_AccessLogServiceServicer_to_server(StreamAccounting(gateway), server)
