@@ -72,14 +72,11 @@ def make_limiter(config: Config, runtime_dir: str | None) -> Limiter:
     local = LocalLimiter(state)
     if not config.redis_url:
         return local
-    import redis.asyncio as aioredis
 
-    from llmux_extproc.policy.redis_limits import TIMEOUT_S, RedisLimiter
+    from llmux_extproc.policy.redis_limits import RedisLimiter, redis_client
 
     # Changing the Redis settings needs a restart, as database_url does.
-    client = aioredis.Redis.from_url(
-        config.redis_url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
-    )
+    client = redis_client(config.redis_url)
     return RedisLimiter(client, local, os.environ.get("LLMUX_REDIS_PREFIX", "llmux:"))
 
 

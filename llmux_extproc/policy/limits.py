@@ -174,13 +174,13 @@ def admit(state: State, ask: Ask, now: float) -> Decision:
         if lim.kind == "parallel":
             used = state.count(lim.key)
             if used >= lim.limit:
-                return Decision(False, lim, 1.0)
+                return refused_by(lim, 0.0)
             levels.append((lim, float(lim.limit - used)))
             continue
         found = state.bucket(lim.key)
         level = float(lim.limit) if found is None else refill(lim.limit, *found, now)
         if level < 1.0:
-            return Decision(False, lim, (1.0 - level) * 60.0 / max(lim.limit, 1))
+            return refused_by(lim, level)
         levels.append((lim, level))
     budgets: list[tuple[Budget, float, float, float]] = []
     for bud in ask.budgets:
@@ -218,6 +218,16 @@ def admit(state: State, ask: Ask, now: float) -> Decision:
     }
     state.put_reservation(ask.id, now + ask.ttl_s, record)
     return Decision(True, headroom=headroom)
+
+
+def refused_by(lim: Limit, level: float) -> Decision:
+    """A refusal by `lim` at `level`: retry once one token is back (a parallel place: in
+    a second, the answers' length being unknown); the headers show the empty bucket."""
+    per_token = 60.0 / max(lim.limit, 1)
+    if lim.kind == "parallel":
+        return Decision(False, lim, 1.0, [Headroom(lim, 0.0, 0.0)])
+    head = Headroom(lim, level, (lim.limit - level) * per_token)
+    return Decision(False, lim, (1.0 - level) * per_token, [head])
 
 
 def settle(state: State, rid: str, tokens: int, cost: float, now: float) -> Settled:

@@ -1,0 +1,192 @@
+"""Rate limits and budgets end to end: two `llmux run` instances (real Envoy, two workers
+each) on one PostgreSQL database and one Redis prefix, keys made through LiteLLM's
+management API, requests from httpx and the `openai` SDK; and one instance without Redis,
+whose two workers share the replica's own buckets."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests import redis_server
+from tests.harness import Gateway, running_gateway
+from tests.pg import fresh_database
+
+pytestmark = pytest.mark.e2e
+MASTER = "sk-master-limits"
+PRICE = 0.0001  # USD per token, in and out: a budget of $0.01 is ~100 tokens
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def config(db: str, redis_url: str | None) -> dict[str, Any]:
+    router: dict[str, Any] = {"num_retries": 0}
+    if redis_url:
+        router["redis_url"] = redis_url
+    return {
+        "model_list": [
+            {
+                "model_name": "gpt-a",
+                "litellm_params": {
+                    "model": "mock/gpt-4o-mini",
+                    "mock_response": "ok",
+                    "input_cost_per_token": PRICE,
+                    "output_cost_per_token": PRICE,
+                },
+            }
+        ],
+        "router_settings": router,
+        "general_settings": {"master_key": MASTER, "database_url": db},
+        "llmux": {"workers": 2, "access_log": "off"},
+    }
+
+
+@pytest.fixture(scope="module")
+def db() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pair(db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Gateway]]:
+    redis_server.client().close()  # fails, saying how to start Redis, when it is not there
+    prefix = redis_server.new_prefix()
+    env = {"LLMUX_REDIS_PREFIX": prefix}
+    cfg = config(db, redis_server.URL)
+    try:
+        with (
+            running_gateway(cfg, tmp_path_factory.mktemp("a"), env) as a,
+            running_gateway(cfg, tmp_path_factory.mktemp("b"), env) as b,
+        ):
+            yield a, b
+    finally:
+        redis_server.drop_prefix(prefix)
+
+
+@pytest.fixture(scope="module")
+def alone(db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with running_gateway(config(db, None), tmp_path_factory.mktemp("alone")) as gw:
+        yield gw
+
+
+def new_key(gw: Gateway, **fields: Any) -> str:
+    reply = httpx.post(
+        gw.base_url + "/key/generate",
+        headers={"Authorization": f"Bearer {MASTER}"},
+        json=fields,
+        timeout=15,
+    )
+    assert reply.status_code == 200, reply.text
+    assert "x-llmux-not-enforced-fields" not in reply.headers
+    return str(reply.json()["key"])
+
+
+async def burst(
+    gateways: list[Gateway], key: str, n: int, body: dict[str, Any] | None = None
+) -> tuple[list[httpx.Response], float]:
+    """`n` concurrent requests spread over `gateways`; the replies and the seconds taken."""
+    payload = body or {"model": "gpt-a", "messages": MESSAGES}
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        started = time.monotonic()
+        replies = await asyncio.gather(
+            *(
+                http.post(
+                    gateways[i % len(gateways)].openai_base + "/chat/completions",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json=payload,
+                )
+                for i in range(n)
+            )
+        )
+        return list(replies), time.monotonic() - started
+
+
+def refused_shape(reply: httpx.Response, status: int, kind: str, param: str) -> None:
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"]) == (kind, param), error
+
+
+def test_rpm_is_shared_by_two_instances(pair: tuple[Gateway, Gateway]) -> None:
+    key = new_key(pair[0], rpm_limit=100)
+    replies, elapsed = asyncio.run(burst(list(pair), key, 1000))
+    ok = [r for r in replies if r.status_code == 200]
+    refused = [r for r in replies if r.status_code != 200]
+    # A token bucket refills 100/60 per second while the burst runs: exactly 100 plus
+    # what was refilled meanwhile, never 100 per instance.
+    refilled = math.ceil(elapsed * 100 / 60)
+    assert 100 <= len(ok) <= 100 + refilled, (len(ok), elapsed)
+    for reply in refused:
+        refused_shape(reply, 429, "rate_limit_error", "rpm_limit")
+        assert int(reply.headers["retry-after"]) >= 1
+        assert reply.headers["x-ratelimit-limit-requests"] == "100"
+        assert reply.headers["x-ratelimit-remaining-requests"] == "0"
+    assert {r.headers["x-ratelimit-limit-requests"] for r in ok} == {"100"}
+    assert any(r.headers["x-ratelimit-remaining-requests"] == "0" for r in ok)
+
+
+def test_tpm_is_charged_by_real_usage_across_instances(pair: tuple[Gateway, Gateway]) -> None:
+    key = new_key(pair[0], tpm_limit=10_000, rpm_limit=60)
+    clients = [
+        openai.OpenAI(base_url=gw.openai_base, api_key=key, max_retries=0, timeout=15)
+        for gw in pair
+    ]
+    started = time.monotonic()
+    first = clients[0].chat.completions.with_raw_response.create(
+        model="gpt-a",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=50,
+    )
+    used = first.parse().usage
+    assert used is not None
+    remaining_first = int(first.headers["x-ratelimit-remaining-tokens"])
+    estimate = 10_000 - remaining_first  # what admission reserved: more than was used
+    assert estimate > used.total_tokens
+    assert first.headers["x-ratelimit-limit-tokens"] == "10000"
+    assert first.headers["x-ratelimit-remaining-requests"] == "59"
+    time.sleep(0.5)  # the settlement is sent after the answer
+    second = clients[1].chat.completions.with_raw_response.create(
+        model="gpt-a",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=50,
+    )
+    refill = math.ceil((time.monotonic() - started) * 10_000 / 60)
+    remaining = int(second.headers["x-ratelimit-remaining-tokens"])
+    # Instance B sees A's request charged at its real usage, not at the estimate.
+    expected = 10_000 - used.total_tokens - estimate
+    assert expected <= remaining <= expected + refill, (remaining, expected, refill)
+
+
+def test_budget_holds_across_instances(pair: tuple[Gateway, Gateway]) -> None:
+    key = new_key(pair[0], max_budget=0.01)
+    body = {"model": "gpt-a", "messages": MESSAGES, "max_tokens": 5}
+    replies, _ = asyncio.run(burst(list(pair), key, 200, body))
+    ok = [r for r in replies if r.status_code == 200]
+    assert ok, "the first request is within budget"
+    for reply in replies:
+        if reply.status_code != 200:
+            refused_shape(reply, 400, "budget_exceeded", "max_budget")
+    costs = [float(r.headers["x-litellm-response-cost"]) for r in ok]
+    # A request is admitted while spend + reservations in flight < max_budget, and each
+    # reservation (prompt bytes / 4 + max_tokens, at the price) covers its request's real
+    # cost: 200 concurrent requests overspend by less than the last admitted one's cost.
+    assert sum(costs) < 0.01 + max(costs), (sum(costs), len(ok))
+    assert len(ok) < 200
+
+
+def test_without_redis_the_workers_share_one_bucket(alone: Gateway) -> None:
+    key = new_key(alone, rpm_limit=5, max_parallel_requests=50)
+    replies, elapsed = asyncio.run(burst([alone], key, 40))
+    ok = sum(r.status_code == 200 for r in replies)
+    assert 5 <= ok <= 5 + math.ceil(elapsed * 5 / 60), (ok, elapsed)
+    for reply in replies:
+        if reply.status_code != 200:
+            refused_shape(reply, 429, "rate_limit_error", "rpm_limit")
