@@ -13,10 +13,18 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
+from aiohttp import web
 
 from tests import redis_server
-from tests.harness import Gateway, running_gateway
+from tests.harness import (
+    Gateway,
+    MockUpstream,
+    json_response,
+    openai_chat_completion,
+    running_gateway,
+)
 from tests.pg import fresh_database
 
 pytestmark = pytest.mark.e2e
@@ -190,3 +198,158 @@ def test_without_redis_the_workers_share_one_bucket(alone: Gateway) -> None:
     for reply in replies:
         if reply.status_code != 200:
             refused_shape(reply, 429, "rate_limit_error", "rpm_limit")
+
+
+# -- answers Envoy passes on by itself, streams cut short, Envoy's own failures ----------
+
+UPSTREAM_USAGE = 11 + 7  # what the mock provider reports per answer
+
+
+async def openai_upstream(request: web.Request, body: bytes) -> web.StreamResponse:
+    payload = orjson.loads(body)
+    if payload["messages"][0]["content"] == "slow":  # past the deployment's timeout
+        await asyncio.sleep(5)
+    if not payload.get("stream"):
+        return json_response(openai_chat_completion(payload["model"], "hello"))
+    cut = payload["messages"][0]["content"] == "cut"
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    for word in ("hel", "lo"):
+        chunk = {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": payload["model"],
+            "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}],
+        }
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    if cut:  # the client leaves while the provider is still generating
+        await asyncio.sleep(30)
+        return response  # Envoy reset this stream long ago
+    usage = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": payload["model"],
+        "choices": [],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    }
+    await response.write(b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+@pytest.fixture(scope="module")
+def upstreamed(db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    upstream = MockUpstream(openai_upstream).start()
+    cfg = config(db, None)
+    cfg["model_list"] += [
+        {
+            "model_name": "gpt-up",
+            "litellm_params": {
+                "model": "openai/gpt-4o-mini",
+                "api_base": upstream.base_url + "/v1",
+                "api_key": "sk-upstream",
+            },
+        },
+        {
+            "model_name": "gpt-slow",
+            "litellm_params": {
+                "model": "openai/gpt-4o-mini",
+                "api_base": upstream.base_url + "/v1",
+                "api_key": "sk-upstream",
+                "timeout": 1,
+            },
+        },
+    ]
+    try:
+        with running_gateway(cfg, tmp_path_factory.mktemp("upstreamed")) as gw:
+            yield gw
+    finally:
+        upstream.stop()
+
+
+def remaining_tokens(gw: Gateway, key: str, stream: bool = False, content: str = "hi") -> int:
+    body = {"model": "gpt-up", "messages": [{"role": "user", "content": content}], "stream": stream}
+    with httpx.stream(
+        "POST",
+        gw.openai_base + "/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json=body,
+        timeout=15,
+    ) as reply:
+        assert reply.status_code == 200, reply.read()
+        reply.read()
+        return int(reply.headers["x-ratelimit-remaining-tokens"])
+
+
+def test_passed_through_answers_settle_from_the_access_log(upstreamed: Gateway) -> None:
+    # A small limit, so that the refill (10 tokens/s) cannot hide a missing settlement.
+    limit = 600
+    key = new_key(upstreamed, tpm_limit=limit)
+    started = time.monotonic()
+    first = remaining_tokens(upstreamed, key)
+    estimate = limit - first  # the same body each time: the same estimate (> 256)
+    time.sleep(1.0)  # the access log reaches the workers every 0.2 s
+    after_whole = remaining_tokens(upstreamed, key)
+    time.sleep(1.0)
+    after_stream = remaining_tokens(upstreamed, key, stream=True)
+    refill = math.ceil((time.monotonic() - started) * limit / 60)
+    assert estimate - UPSTREAM_USAGE > refill  # unsettled, remaining would be far lower
+    # Each answer was charged its real 18 tokens, not the estimate.
+    expected = limit - UPSTREAM_USAGE - estimate
+    assert expected <= after_whole <= expected + refill, (after_whole, expected, refill)
+    stream_estimate = estimate  # `"stream": true` instead of `false`: the same estimate
+    expected = limit - 2 * UPSTREAM_USAGE - stream_estimate
+    assert expected - 2 <= after_stream <= expected + refill, (after_stream, expected, refill)
+    time.sleep(1.0)
+    # And the stream itself (whose usage chunk sse_to_metadata read) as well.
+    final = remaining_tokens(upstreamed, key)
+    expected = limit - 3 * UPSTREAM_USAGE - estimate
+    assert expected <= final <= expected + refill + 30, (final, expected)
+
+
+def test_a_stream_cut_short_is_charged_what_it_produced(upstreamed: Gateway) -> None:
+    limit = 600
+    key = new_key(upstreamed, tpm_limit=limit)
+    body = {"model": "gpt-up", "messages": [{"role": "user", "content": "cut"}], "stream": True}
+    with httpx.stream(
+        "POST",
+        upstreamed.openai_base + "/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json=body,
+        timeout=15,
+    ) as reply:
+        estimate = limit - int(reply.headers["x-ratelimit-remaining-tokens"])
+        next(reply.iter_bytes())  # the first chunk, then the client leaves
+    # Settled, the cut stream costs what tiktoken counts of it (< 40 tokens); unsettled,
+    # its estimate (> 256) would stay taken for longer than this test waits.
+    deadline = time.monotonic() + 15
+    while True:
+        time.sleep(0.5)
+        remaining = remaining_tokens(upstreamed, key, content="cut")
+        if remaining >= limit - estimate - 40:
+            break
+        assert time.monotonic() < deadline, ("the cut stream was never settled", remaining)
+
+
+def test_envoy_failures_release_their_place(upstreamed: Gateway) -> None:
+    key = new_key(upstreamed, max_parallel_requests=1)
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "gpt-slow", "messages": [{"role": "user", "content": "slow"}]}
+    url = upstreamed.openai_base + "/chat/completions"
+    slow = httpx.post(url, headers=headers, json=body, timeout=30)
+    # Envoy's own timeout (UT), after the processor admitted the request and forwarded it.
+    assert slow.status_code == 504, slow.text
+    assert set(slow.json()["error"]) == {"message", "type", "param", "code"}
+    # Envoy's access log tells a worker, which gives the place back (a reservation
+    # nobody releases would hold it until it expires, 11 minutes here).
+    deadline = time.monotonic() + 20
+    body = {"model": "gpt-up", "messages": MESSAGES}
+    while True:
+        reply = httpx.post(url, headers=headers, json=body)
+        if reply.status_code == 200:
+            break
+        refused_shape(reply, 429, "rate_limit_error", "max_parallel_requests")
+        assert time.monotonic() < deadline, "the failed request kept its place"
+        time.sleep(0.3)

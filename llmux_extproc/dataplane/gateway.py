@@ -410,6 +410,7 @@ class Gateway:
         """The buffered request body of an authenticated attempt: translate it for the
         deployment Envoy chose."""
         state = self.state
+        settle_id: str | None = None
         try:
             limit = state.config.settings.max_request_body_bytes
             if len(body) > limit:
@@ -453,6 +454,8 @@ class Gateway:
             err = refused.error
             return Immediate(err.status, err.body(), refused.headers, {"error": err.type})
         except GatewayError as err:
+            if settle_id is not None:  # admitted, then refused here (translation, bulkhead)
+                self._settle(settle_id, 0, 0.0)
             return _error(err)
         assert dep.upstream is not None
         remove: tuple[str, ...] = ()
@@ -504,6 +507,16 @@ class Gateway:
                 headers["retry-after"] = str(max(1, round(decision.retry_after_s)))
             raise Refused(err, headers)
         return ctx.request_id, headers
+
+    def release_later(self, request_id: str) -> None:
+        """Release the reservation of a request Envoy ended itself (no upstream, timeout,
+        the processor gone): nothing else would before it expires. A second later, so
+        that a processor that did answer (a translated stream the client left) settles
+        with the real usage first; settling twice is a no-op."""
+        if self.limiter is None or self.loop is None or not request_id:
+            return
+        loop = self.loop
+        loop.call_soon_threadsafe(loop.call_later, 1.0, self._settle, request_id, 0, 0.0)
 
     def _settle(self, request_id: str, tokens: int, cost: float) -> None:
         """Settle a reservation off the request's path (a Redis round trip at most);
