@@ -206,6 +206,8 @@ UPSTREAM_USAGE = 11 + 7  # what the mock provider reports per answer
 
 
 async def openai_upstream(request: web.Request, body: bytes) -> web.StreamResponse:
+    if request.path.startswith("/fail/"):  # a deployment that always fails, retriably
+        return json_response({"error": {"message": "overloaded", "type": "server_error"}}, 500)
     payload = orjson.loads(body)
     if payload["messages"][0]["content"] == "slow":  # past the deployment's timeout
         await asyncio.sleep(5)
@@ -243,7 +245,24 @@ async def openai_upstream(request: web.Request, body: bytes) -> web.StreamRespon
 def upstreamed(db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     upstream = MockUpstream(openai_upstream).start()
     cfg = config(db, None)
+    cfg["router_settings"]["num_retries"] = 1
     cfg["model_list"] += [
+        {
+            "model_name": "gpt-flaky",
+            "litellm_params": {
+                "model": "openai/gpt-4o-mini",
+                "api_base": upstream.base_url + "/fail/v1",
+                "api_key": "sk-upstream",
+            },
+        },
+        {
+            "model_name": "gpt-flaky",
+            "litellm_params": {
+                "model": "openai/gpt-4o-mini",
+                "api_base": upstream.base_url + "/v1",
+                "api_key": "sk-upstream",
+            },
+        },
         {
             "model_name": "gpt-up",
             "litellm_params": {
@@ -353,3 +372,25 @@ def test_envoy_failures_release_their_place(upstreamed: Gateway) -> None:
         refused_shape(reply, 429, "rate_limit_error", "max_parallel_requests")
         assert time.monotonic() < deadline, "the failed request kept its place"
         time.sleep(0.3)
+
+
+def test_a_retried_request_is_admitted_once_and_settled_once(upstreamed: Gateway) -> None:
+    """The first attempt fails (500, retried on the other deployment): the retry is not
+    admitted again (one place of max_parallel_requests 1 suffices) and its answer settles
+    the first attempt's reservation (Envoy's x-request-id is the same on every attempt),
+    so the next request finds the place free. A passed-through answer is settled from its
+    access log entry, which Envoy flushes every 0.2 s: hence the pause between requests
+    (a retry settled under another id would hold the place for 11 minutes)."""
+    key = new_key(upstreamed, max_parallel_requests=1, rpm_limit=1000)
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "gpt-flaky", "messages": MESSAGES}
+    url = upstreamed.openai_base + "/chat/completions"
+    retried = 0
+    for _ in range(20):
+        reply = httpx.post(url, headers=headers, json=body, timeout=15)
+        assert reply.status_code == 200, reply.text
+        retried += reply.headers["x-litellm-attempted-retries"] == "1"
+        if retried >= 3:
+            break
+        time.sleep(1.0)
+    assert retried >= 3
