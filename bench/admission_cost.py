@@ -97,16 +97,16 @@ async def main() -> None:
 
         prefix = f"llmux_bench_{secrets.token_hex(4)}:"
         client = redis_client(args.redis)
-        limiter = RedisLimiter(client, LocalLimiter(MemoryState()), prefix)
-        await measure(limiter, 200)
-        before = limiter.round_trips
-        a, s = await measure(limiter, args.n)
-        trips = (limiter.round_trips - before) / args.n
-        pipelines = limiter._batcher.pipelines
-        together = await measure_concurrent(limiter, args.n, 100)
+        shared = RedisLimiter(client, LocalLimiter(MemoryState()), prefix)
+        await measure(shared, 200)
+        before = shared.script_calls
+        a, s = await measure(shared, args.n)
+        trips = (shared.script_calls - before) / args.n
+        pipelines = shared.pipelines
+        together = await measure_concurrent(shared, args.n, 100)
         print(
             f"Redis, 100 requests at a time: {together:.1f} µs of worker CPU per request "
-            f"(admission + settlement), {limiter._batcher.pipelines - pipelines} pipelines "
+            f"(admission + settlement), {shared.pipelines - pipelines} pipelines "
             f"for {2 * args.n} script calls"
         )
         print(

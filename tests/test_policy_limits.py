@@ -4,6 +4,7 @@ and Redis (the Lua script, a prefix of its own); a fake clock throughout."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -217,9 +218,13 @@ async def test_redis_admission_is_one_round_trip() -> None:
             cost=0.01,
         )
         assert (await limiter.admit(request)).admitted
-        assert limiter.round_trips == 1
+        assert (limiter.script_calls, limiter.pipelines) == (1, 1)  # after SCRIPT LOAD, once
         await limiter.settle(request.id, 5, 0.001)
-        assert limiter.round_trips == 2
+        assert (limiter.script_calls, limiter.pipelines) == (2, 2)
+        # Requests arriving while a pipeline is out share the next one.
+        asks = [ask(RPM, tokens=1) for _ in range(50)]
+        await asyncio.gather(*(limiter.admit(a) for a in asks))
+        assert limiter.script_calls == 52 and limiter.pipelines <= 4
     finally:
         await client.aclose()
         redis_server.drop_prefix(prefix)

@@ -280,9 +280,14 @@ class RedisLimiter:
         self._batcher = _Batcher(client)
         self._down_until = 0.0
         self._outage = False
-        self.round_trips = 0
+        self.script_calls = 0
         # Tests pass their own clock (seconds) instead of Redis's TIME.
         self.clock_from_redis = clock_from_redis
+
+    @property
+    def pipelines(self) -> int:
+        """Round trips made so far (a pipeline of script calls each)."""
+        return self._batcher.pipelines
 
     def _now(self) -> str:
         return "0" if self.clock_from_redis else repr(self.local.clock())
@@ -290,7 +295,7 @@ class RedisLimiter:
     async def _call(self, op: str, payload: dict[str, Any]) -> Any | None:
         if time.monotonic() < self._down_until:
             return None
-        self.round_trips += 1
+        self.script_calls += 1
         try:
             raw = await self._batcher.call([op, self.prefix, self._now(), orjson.dumps(payload)])
         except (RedisError, OSError, TimeoutError) as exc:
