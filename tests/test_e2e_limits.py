@@ -389,6 +389,7 @@ def test_a_retried_request_is_admitted_once_and_settled_once(upstreamed: Gateway
     for _ in range(20):
         reply = httpx.post(url, headers=headers, json=body, timeout=15)
         assert reply.status_code == 200, reply.text
+        assert reply.headers["x-ratelimit-limit-requests"] == "1000"  # retried answers too
         retried += reply.headers["x-litellm-attempted-retries"] == "1"
         if retried >= 3:
             break

@@ -111,6 +111,14 @@ async def test_rpm_bucket_admits_its_capacity_then_refills(limiter: Limiters) ->
     assert not (await limiter.admit(ask(RPM))).admitted
 
 
+async def test_a_look_at_the_buckets_takes_nothing(limiter: Limiters) -> None:
+    assert (await limiter.admit(ask(RPM, TPM, PAR, tokens=100))).admitted
+    for lim in limiter.all:
+        head = await lim.peek((RPM, TPM, PAR))
+        assert [(h.limit, h.remaining) for h in head] == [(RPM, 2.0), (TPM, 900.0)]
+    assert [(await limiter.admit(ask(RPM))).admitted for _ in range(3)] == [True, True, False]
+
+
 async def test_tpm_reserves_the_estimate_and_settles_the_real_usage(limiter: Limiters) -> None:
     first = ask(TPM, tokens=600)
     decision = await limiter.admit(first)

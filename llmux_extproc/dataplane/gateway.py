@@ -497,7 +497,8 @@ class Gateway:
             return None, {}
         if ctx.attempt.number > 1:
             # Admitted by the first attempt; settled once, by whichever attempt answers.
-            return ctx.request_id, {}
+            # Its headers come from a look at the buckets (a retry's cost only).
+            return ctx.request_id, ratelimit_headers(await limiter.peek(ask.limits))
         decision = await limiter.admit(ask)
         headers = ratelimit_headers(decision.headroom)
         if not decision.admitted:

@@ -230,6 +230,19 @@ def refused_by(lim: Limit, level: float) -> Decision:
     return Decision(False, lim, (1.0 - level) * per_token, [head])
 
 
+def peek(state: State, limits: tuple[Limit, ...], now: float) -> list[Headroom]:
+    """What the buckets have left, taking nothing: the headers of a retry's answer (the
+    first attempt admitted the request)."""
+    head: list[Headroom] = []
+    for lim in limits:
+        if lim.kind == "parallel":
+            continue
+        found = state.bucket(lim.key)
+        level = float(lim.limit) if found is None else refill(lim.limit, *found, now)
+        head.append(Headroom(lim, level, (lim.limit - level) * 60.0 / max(lim.limit, 1)))
+    return head
+
+
 def settle(state: State, rid: str, tokens: int, cost: float, now: float) -> Settled:
     """Replace the reservation of request `rid` by its real tokens and cost, once."""
     record = state.take_reservation(rid)
@@ -384,6 +397,7 @@ class _Lock:
 class Limiter(Protocol):
     async def admit(self, ask: Ask) -> Decision: ...
     async def settle(self, rid: str, tokens: int, cost: float) -> Settled: ...
+    async def peek(self, limits: tuple[Limit, ...]) -> list[Headroom]: ...
 
 
 class LocalLimiter:
@@ -410,6 +424,17 @@ class LocalLimiter:
             assert isinstance(result, Settled)
             return result
         return settle(state, rid, tokens, cost, self.clock())
+
+    def peek_now(self, limits: tuple[Limit, ...]) -> list[Headroom]:
+        state = self.state
+        if isinstance(state, SharedState):
+            result = state.run(lambda s: peek(s, limits, self.clock()))
+            assert isinstance(result, list)
+            return result
+        return peek(state, limits, self.clock())
+
+    async def peek(self, limits: tuple[Limit, ...]) -> list[Headroom]:
+        return self.peek_now(limits)
 
     async def admit(self, ask: Ask) -> Decision:
         return self.admit_now(ask)

@@ -132,6 +132,17 @@ if ARGV[1] == 'settle' then
   return cjson.encode({found = 1, spend = release(cjson.decode(raw), q.t, q.c)})
 end
 
+if ARGV[1] == 'peek' then
+  local head = {}
+  for i, l in ipairs(q.l) do
+    local t, s = bucket(l[1])
+    local level = l[3]
+    if t then level = refill(l[3], t, s) end
+    head[i] = {level, (l[3] - level) * 60 / math.max(l[3], 1)}
+  end
+  return cjson.encode({h = head})
+end
+
 purge()
 local levels = {}
 for i, l in ipairs(q.l) do
@@ -361,6 +372,21 @@ class RedisLimiter:
         budgets = [b for b in ask.budgets if b.max_budget is not None]
         bud: Budget = budgets[int(answer["g"]) - 1]
         return Decision(False, bud, 0.0, spent=float(answer.get("sp", 0.0)))
+
+    async def peek(self, limits: tuple[Limit, ...]) -> list[Headroom]:
+        buckets = tuple(lim for lim in limits if lim.kind != "parallel")
+        if not buckets:
+            return []
+        answer = await self._call(
+            "peek", {"l": [[lim.key, lim.kind, lim.limit] for lim in buckets]}
+        )
+        if not isinstance(answer, dict):
+            return self.local.peek_now(buckets)
+        rows = answer.get("h")
+        return [
+            Headroom(lim, float(row[0]), float(row[1]))
+            for lim, row in zip(buckets, rows if isinstance(rows, list) else [], strict=False)
+        ]
 
     async def settle(self, rid: str, tokens: int, cost: float) -> Settled:
         answer = await self._call("settle", {"id": rid, "t": tokens, "c": cost})
