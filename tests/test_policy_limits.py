@@ -192,6 +192,18 @@ async def test_budget_reserves_in_flight_cost_and_settles_the_real_cost(
     assert (await limiter.admit(ask(budgets=(cap,), cost=0.004))).admitted
 
 
+async def test_a_soft_budget_alone_is_tracked_and_never_refuses(limiter: Limiters) -> None:
+    soft = Budget("spend:user_id:u1:all", None, 0.01, 0.0, "user u1")
+    spends = []
+    for _ in range(3):
+        request = ask(budgets=(soft,), cost=0.02)
+        assert (await limiter.admit(request)).admitted
+        settled = await limiter.settle(request.id, 0, 0.008)
+        spends.append(round(settled.spend["spend:user_id:u1:all"], 6))
+    assert spends == [0.008, 0.016, 0.024]
+    assert settled.soft == {"spend:user_id:u1:all": 0.01}
+
+
 async def test_budget_follows_the_persisted_spend(limiter: Limiters) -> None:
     first = ask(budgets=(Budget("spend:team_id:t1:all", 1.0, None, 0.5, "team t1"),), cost=0.1)
     await limiter.admit(first)
@@ -336,3 +348,16 @@ def test_refusals_are_openai_shaped(
     err = budgets.refusal(Decision(False, refused, 12.3, spent=0.011))
     assert (err.status, err.type, err.param) == (status, kind, param)
     assert ("12 s" in err.message) if status == 429 else ("0.011" in err.message)
+
+
+def test_a_soft_budget_is_a_log_line_and_a_metric_once(caplog: pytest.LogCaptureFixture) -> None:
+    from llmux_extproc.observability import metrics
+
+    key = "spend:team_id:soft-test:all"
+    counter = metrics.SOFT_BUDGET_EXCEEDED.labels("team_id")
+    before = counter._value.get()
+    budgets.soft_budget_crossed(Settled(True, {key: 0.009}, {key: 0.01}))  # below: nothing
+    for _ in range(3):
+        budgets.soft_budget_crossed(Settled(True, {key: 0.02}, {key: 0.01}))
+    assert counter._value.get() == before + 1
+    assert sum("soft budget reached" in r.message for r in caplog.records) == 1

@@ -179,13 +179,21 @@ def refusal(decision: Decision) -> GatewayError:
     )
 
 
+# Budget windows whose soft budget this worker has reported: once per window and worker,
+# not on every later request.
+_reported: set[str] = set()
+
+
 def soft_budget_crossed(settled: Settled) -> None:
     """A log line and a metric for each budget whose soft limit the settled spend reached
     (`soft_budget`: never a refusal)."""
     for key, soft in settled.soft.items():
         total = settled.spend.get(key)
-        if total is None or total < soft:
+        if total is None or total < soft or key in _reported:
             continue
+        if len(_reported) > 100_000:
+            _reported.clear()
+        _reported.add(key)
         scope = key.split(":")[1]  # spend:<scope>:<id>:<window>
         metrics.SOFT_BUDGET_EXCEEDED.labels(scope).inc()
         log.warning("soft budget reached: %s spent %.6f of soft_budget %s", key, total, soft)

@@ -78,7 +78,7 @@ class Ask:
 
     @property
     def empty(self) -> bool:
-        return not self.limits and not any(b.max_budget is not None for b in self.budgets)
+        return not self.limits and not self.budgets
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,15 +183,13 @@ def admit(state: State, ask: Ask, now: float) -> Decision:
             return refused_by(lim, level)
         levels.append((lim, level))
     budgets: list[tuple[Budget, float, float, float]] = []
-    for bud in ask.budgets:
-        if bud.max_budget is None:
-            continue
+    for bud in ask.budgets:  # a soft_budget alone is tracked, never refused
         base, delta, reserved = state.budget(bud.key) or (bud.spend, 0.0, 0.0)
         if bud.spend > base:  # PostgreSQL caught up with (some of) what was settled here
             delta = max(0.0, delta - (bud.spend - base))
             base = bud.spend
         total = base + delta + reserved
-        if total >= bud.max_budget:
+        if bud.max_budget is not None and total >= bud.max_budget:
             return Decision(False, bud, 0.0, spent=total)
         budgets.append((bud, base, delta, reserved))
     headroom: list[Headroom] = []

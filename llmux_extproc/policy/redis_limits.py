@@ -171,7 +171,9 @@ for i, g in ipairs(q.g) do
     base = spend
   end
   local total = base + delta + res
-  if total >= max_budget then return cjson.encode({ok = 0, g = i, sp = total}) end
+  if max_budget >= 0 and total >= max_budget then
+    return cjson.encode({ok = 0, g = i, sp = total})
+  end
   budgets[i] = {key, base, delta, res, g[4], g[5]}
 end
 local head = {}
@@ -344,13 +346,12 @@ class RedisLimiter:
             "g": [
                 [
                     b.key,
-                    b.max_budget,
+                    -1.0 if b.max_budget is None else b.max_budget,  # a soft budget alone
                     b.spend,
                     self.budget_ttl_s,
                     -1.0 if b.soft_budget is None else b.soft_budget,
                 ]
                 for b in ask.budgets
-                if b.max_budget is not None
             ],
         }
         answer = await self._call("admit", payload)
@@ -369,8 +370,7 @@ class RedisLimiter:
         if "i" in answer:
             lim: Limit = ask.limits[int(answer["i"]) - 1]
             return refused_by(lim, float(answer.get("lv", 0.0)))
-        budgets = [b for b in ask.budgets if b.max_budget is not None]
-        bud: Budget = budgets[int(answer["g"]) - 1]
+        bud: Budget = ask.budgets[int(answer["g"]) - 1]
         return Decision(False, bud, 0.0, spent=float(answer.get("sp", 0.0)))
 
     async def peek(self, limits: tuple[Limit, ...]) -> list[Headroom]:
