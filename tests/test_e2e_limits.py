@@ -395,3 +395,22 @@ def test_a_retried_request_is_admitted_once_and_settled_once(upstreamed: Gateway
             break
         time.sleep(1.0)
     assert retried >= 3
+
+
+def test_redis_down_falls_back_to_the_replica(
+    db: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.harness import free_port, metric
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens
+    with running_gateway(config(db, dead), tmp_path_factory.mktemp("dead-redis")) as gw:
+        key = new_key(gw, rpm_limit=3)
+        replies, elapsed = asyncio.run(burst([gw], key, 8))
+        # The replica's own bucket holds the limit (fail open to local counters, never a
+        # hang: each request waits at most one 0.5 s timeout).
+        assert sum(r.status_code == 200 for r in replies) == 3 + math.floor(elapsed * 3 / 60)
+        for reply in replies:
+            if reply.status_code != 200:
+                refused_shape(reply, 429, "rate_limit_error", "rpm_limit")
+        gw.wait_for_log("Redis unreachable")
+        assert metric(gw.metrics(), "llmux_redis_errors_total") >= 1
