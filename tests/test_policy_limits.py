@@ -361,3 +361,10 @@ def test_a_soft_budget_is_a_log_line_and_a_metric_once(caplog: pytest.LogCapture
         budgets.soft_budget_crossed(Settled(True, {key: 0.02}, {key: 0.01}))
     assert counter._value.get() == before + 1
     assert sum("soft budget reached" in r.message for r in caplog.records) == 1
+
+
+def test_keys_without_limits_skip_the_limiter() -> None:
+    assert not Principal(token="t", team_limits=Limits(), user_limits=Limits()).limited
+    assert Principal(token="t", team_limits=Limits(tpm_limit=5)).limited
+    assert Principal(token="t", limits=Limits(model_rpm_limit={"m": 1})).limited
+    assert Principal(token="t", user_limits=Limits(soft_budget=1.0)).limited

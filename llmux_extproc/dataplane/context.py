@@ -23,10 +23,19 @@ class Caller:
     user_id: str | None = None
     principal: Principal | None = None
     admin: bool = False  # the master key: may call the management API
+    # A rate limit or budget applies (the key's, team's or user's): worked out once per
+    # cached principal; asking the limiter cost 8 us even for a key with none.
+    limited: bool = False
 
     @classmethod
     def of(cls, principal: Principal) -> Caller:
-        return cls(principal.team_id or "default", principal.label, principal.user_id, principal)
+        return cls(
+            principal.team_id or "default",
+            principal.label,
+            principal.user_id,
+            principal,
+            limited=principal.limited,
+        )
 
 
 DEFAULT_CALLER = Caller()

@@ -479,7 +479,7 @@ class Gateway:
         trip), the answer settles (`_account`). Returns the reservation to settle and the
         x-ratelimit-* headers; raises `Refused`."""
         limiter = self.limiter
-        if principal is None or limiter is None or not ctx.request_id:
+        if principal is None or limiter is None or not ctx.caller.limited or not ctx.request_id:
             return None, {}
         state = self.state
         now = time.time()

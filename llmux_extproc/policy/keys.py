@@ -87,6 +87,19 @@ class Limits:
     model_rpm_limit: Mapping[str, int] = field(default_factory=dict)
     model_tpm_limit: Mapping[str, int] = field(default_factory=dict)
 
+    @property
+    def enforced(self) -> bool:
+        """Whether anything here needs the limiter (policy/limits.py)."""
+        return (
+            self.rpm_limit is not None
+            or self.tpm_limit is not None
+            or self.max_parallel_requests is not None
+            or self.max_budget is not None
+            or self.soft_budget is not None
+            or bool(self.model_rpm_limit)
+            or bool(self.model_tpm_limit)
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -108,6 +121,14 @@ class Principal:
     team_limits: Limits | None = None
     user_limits: Limits | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def limited(self) -> bool:
+        """Whether the key, its team or its user has a rate limit or budget."""
+        return any(
+            lim is not None and lim.enforced
+            for lim in (self.limits, self.team_limits, self.user_limits)
+        )
 
     @property
     def label(self) -> str:
