@@ -644,6 +644,8 @@ class Gateway:
         state = self.state
         dep = state.by_id.get(deployment_id)
         if dep is None:  # removed by a reload since; its price went with it
+            if request_id:
+                self._settle(request_id, 0, 0.0)
             return
         exchange = Exchange(
             ClientRequest("chat", {}, b"", dep.model_name, stream),
