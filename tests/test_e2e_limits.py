@@ -205,7 +205,47 @@ def test_without_redis_the_workers_share_one_bucket(alone: Gateway) -> None:
 UPSTREAM_USAGE = 11 + 7  # what the mock provider reports per answer
 
 
+async def anthropic_stalling_stream(request: web.Request) -> web.StreamResponse:
+    """Anthropic's stream format: the prompt's usage, one text delta, then nothing."""
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-3-5-sonnet-20241022",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 11, "output_tokens": 1},
+    }
+    for name, data in (
+        ("message_start", {"type": "message_start", "message": message}),
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "hello there"},
+            },
+        ),
+    ):
+        await response.write(f"event: {name}\ndata: ".encode() + orjson.dumps(data) + b"\n\n")
+    await asyncio.sleep(30)  # the client leaves meanwhile
+    return response
+
+
 async def openai_upstream(request: web.Request, body: bytes) -> web.StreamResponse:
+    if request.path.endswith("/v1/messages"):
+        return await anthropic_stalling_stream(request)
     if request.path.startswith("/fail/"):  # a deployment that always fails, retriably
         return json_response({"error": {"message": "overloaded", "type": "server_error"}}, 500)
     payload = orjson.loads(body)
@@ -269,6 +309,14 @@ def upstreamed(db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ga
                 "model": "openai/gpt-4o-mini",
                 "api_base": upstream.base_url + "/v1",
                 "api_key": "sk-upstream",
+            },
+        },
+        {
+            "model_name": "claude",
+            "litellm_params": {
+                "model": "anthropic/claude-3-5-sonnet-20241022",
+                "api_base": upstream.base_url,
+                "api_key": "sk-ant-test",
             },
         },
         {
@@ -414,3 +462,31 @@ def test_redis_down_falls_back_to_the_replica(
                 refused_shape(reply, 429, "rate_limit_error", "rpm_limit")
         gw.wait_for_log("Redis unreachable")
         assert metric(gw.metrics(), "llmux_redis_errors_total") >= 1
+
+
+def test_a_translated_stream_cut_short_is_charged_what_it_produced(upstreamed: Gateway) -> None:
+    """Anthropic's stream goes through the processor chunk by chunk; the client leaves
+    after the first: the processor's end of stream settles with the prompt's 11 tokens
+    and the counted text, not the estimate."""
+    limit = 600
+    key = new_key(upstreamed, tpm_limit=limit)
+    body = {"model": "claude", "messages": MESSAGES, "stream": True, "max_tokens": 300}
+    with httpx.stream(
+        "POST",
+        upstreamed.openai_base + "/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json=body,
+        timeout=15,
+    ) as reply:
+        assert reply.status_code == 200, reply.read()
+        estimate = limit - int(reply.headers["x-ratelimit-remaining-tokens"])
+        assert estimate > 300
+        next(reply.iter_bytes())  # the first chunk, then the client leaves
+    deadline = time.monotonic() + 15
+    while True:
+        time.sleep(0.5)
+        remaining = remaining_tokens(upstreamed, key)
+        # remaining_tokens asks ~280 tokens of its own; settled, the cut stream kept < 40.
+        if remaining >= limit - 40 - 300:
+            break
+        assert time.monotonic() < deadline, ("the cut stream was never settled", remaining)
