@@ -209,7 +209,7 @@ async def anthropic_stalling_stream(request: web.Request) -> web.StreamResponse:
     """Anthropic's stream format: the prompt's usage, one text delta, then nothing."""
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
-    message = {
+    message: dict[str, Any] = {
         "id": "msg_1",
         "type": "message",
         "role": "assistant",
