@@ -760,18 +760,39 @@ def _stream_accounting_log() -> dict[str, Any]:
     """Answers Envoy passes on by itself are accounted from their access-log entries, which
     Envoy sends to the workers in batches over gRPC: one message per batch, not per request
     or chunk."""
+    passed_through = {
+        "metadata_filter": {
+            "matcher": {
+                "filter": METADATA_NAMESPACE,
+                "path": [{"key": "envoy_accounts"}],
+                "value": {"present_match": True},
+            },
+            "match_if_key_not_found": False,  # the default (True) would log every request
+        }
+    }
+    # Envoy's own failures (any response flag: no upstream, timeout, reset...) and the
+    # processor failing: nobody else ends these requests' rate-limit reservations
+    # (policy/limits.py), which the worker then releases. Failed requests only.
+    envoy_failed = {
+        "or_filter": {
+            "filters": [
+                {"response_flag_filter": {}},
+                {
+                    "extension_filter": {
+                        "name": "envoy.access_loggers.extension_filters.cel",
+                        "typed_config": {
+                            _TYPE: _T
+                            + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                            "expression": "response.code_details.startsWith('ext_proc_error')",
+                        },
+                    }
+                },
+            ]
+        }
+    }
     return {
         "name": "envoy.access_loggers.http_grpc",
-        "filter": {
-            "metadata_filter": {
-                "matcher": {
-                    "filter": METADATA_NAMESPACE,
-                    "path": [{"key": "envoy_accounts"}],
-                    "value": {"present_match": True},
-                },
-                "match_if_key_not_found": False,  # the default (True) would log every request
-            }
-        },
+        "filter": {"or_filter": {"filters": [passed_through, envoy_failed]}},
         "typed_config": {
             _TYPE: _T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {

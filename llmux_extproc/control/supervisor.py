@@ -689,6 +689,9 @@ def _check_reloadable(old: Config, new: Config) -> None:
     # Each worker holds a pool and a listener on the database it started with.
     if old.database_url != new.database_url:
         raise ConfigError("general_settings.database_url: changing it needs a restart of llmux run")
+    if old.redis_url != new.redis_url:
+        # Each worker connects to Redis at its start (rate limits and budgets).
+        raise ConfigError("router_settings.redis_*: changing Redis needs a restart of llmux run")
     if (old.master_key is None) != (new.master_key is None) and new.database_url:
         raise ConfigError(
             "general_settings.master_key: setting or removing it with a database needs a restart"
