@@ -411,6 +411,7 @@ def streamed(
         if per_token_s is not None:
             c["l_tpot"].observe(per_token_s)
 
+
 # Rate limits and budgets (policy/limits.py): refusals by LiteLLM's field (rpm_limit,
 # tpm_limit, max_parallel_requests, model_rpm_limit, model_tpm_limit, max_budget).
 RATE_LIMITED = Counter("llmux_admission_refused", "Requests refused by a limit", ["limit"])
