@@ -120,6 +120,15 @@ class Settings:
     # more than failure_rate of at least min_requests attempts in window failed, stays open
     # for open_time, then lets half_open_probes probes through.
     breaker: dict[str, float] = field(default_factory=dict)
+    # Slow and idle clients, and overload (README, Limits and overload). The whole request
+    # (headers and body) must arrive within client_body_timeout (408); a connection without
+    # a request in flight is closed after connection_idle_timeout; Envoy accepts at most
+    # max_connections client connections; at most max_streams_per_worker ext_proc streams
+    # per worker are open at once, and a request past that gets 503 with retry-after.
+    client_body_timeout_s: float = 60.0
+    connection_idle_timeout_s: float = 120.0
+    max_connections: int = 12000
+    max_streams_per_worker: int = 1000
 
 
 # LiteLLM's retry_policy classes, and the statuses each stands for. A class set to 0 is
@@ -653,6 +662,7 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         "reload_poll_interval",
         "drain_timeout",
         "circuit_breaker",
+        *LIMIT_KEYS,
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -689,7 +699,33 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         reload_poll_s=_positive(raw.get("reload_poll_interval", 1.0), "llmux.reload_poll_interval"),
         drain_timeout_s=_positive(raw.get("drain_timeout", 60), "llmux.drain_timeout"),
         breaker=_breaker(_mapping(raw.get("circuit_breaker"), "llmux.circuit_breaker")),
+        **_limits(raw),
     )
+
+
+# llmux: keys for slow and idle clients and overload -> Settings fields.
+LIMIT_KEYS = {
+    "client_body_timeout": "client_body_timeout_s",
+    "connection_idle_timeout": "connection_idle_timeout_s",
+    "max_connections": "max_connections",
+    "max_streams_per_worker": "max_streams_per_worker",
+}
+
+
+def _limits(raw: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, name in LIMIT_KEYS.items():
+        if key not in raw:
+            continue
+        where = f"llmux.{key}"
+        if key in ("max_connections", "max_streams_per_worker"):
+            value = _int(raw[key], where)
+            if value < 1:
+                raise ConfigError(f"{where}: must be at least 1, got {value}")
+            out[name] = value
+        else:
+            out[name] = _positive(raw[key], where)
+    return out
 
 
 def _access_log(value: Any) -> str:

@@ -124,11 +124,7 @@ def _extproc_cluster(config: Config, paths: RuntimePaths) -> dict[str, Any]:
             "endpoints": [{"lb_endpoints": endpoints}],
         },
         **_extproc_healing(),
-        "circuit_breakers": {
-            "thresholds": [
-                {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 100000}
-            ]
-        },
+        "circuit_breakers": {"thresholds": [_extproc_thresholds(config)]},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 _TYPE: _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -137,6 +133,27 @@ def _extproc_cluster(config: Config, paths: RuntimePaths) -> dict[str, Any]:
                 },
             }
         },
+    }
+
+
+# ext_proc streams besides the requests': each Envoy worker thread's access-log stream to
+# the workers (accounting), with room to spare.
+EXTPROC_SPARE_STREAMS = 64
+
+
+def _extproc_thresholds(config: Config) -> dict[str, int]:
+    """Load shedding. Every request holds an ext_proc stream while a worker handles it (a
+    translated stream, for its whole life): past `max_streams_per_worker` per worker, Envoy
+    refuses to open more and the request gets a 503 with retry-after at once, in Envoy
+    (local_reply_config), costing no worker anything. Without a cap, translated streams at
+    1,200-1,500 req/s on one worker had gRPC's server cancel streams it could not take up
+    (CANCELLED, answered 503 without retry-after) and Envoy 1.40 crash (SIGSEGV) within
+    seconds, three runs out of three; with the cap, none of either (docs/architecture.md)."""
+    s = config.settings
+    return {
+        "max_connections": 10000,
+        "max_pending_requests": 10000,
+        "max_requests": s.workers * s.max_streams_per_worker + EXTPROC_SPARE_STREAMS,
     }
 
 
@@ -235,6 +252,7 @@ def _with_drain_reply(local_reply: dict[str, Any]) -> dict[str, Any]:
     mapper = {
         "filter": {"response_flag_filter": {"flags": ["FI"]}},
         "body": {"inline_string": "LLMux is shutting down; retry the request"},
+        "headers_to_add": [_retry_after()],
         "body_format_override": {
             "json_format": {
                 "error": {
@@ -457,8 +475,103 @@ def _local_reply_config() -> dict[str, Any]:
         }
         if status in messages:
             mapper["body"] = {"inline_string": messages[status]}
+        if status == 503:
+            mapper["headers_to_add"] = [_retry_after()]
         mappers.append(mapper)
     return {"mappers": mappers}
+
+
+# -- slow and idle clients, connection cap (README, Limits and overload) ------------------
+
+# Seconds a client is told to wait before retrying a 503 LLMux gives for its own state
+# (overload, a worker gone, draining): long enough for a shed burst to clear, short
+# enough that the OpenAI SDK's own retries (0.5-8 s back-off) do not wait longer.
+RETRY_AFTER_S = 1
+# What the connection manager records for its request timeouts (no response flag): the
+# whole-request timer (request_timeout) and the headers timer (request_headers_timeout).
+CLIENT_TIMEOUT_DETAILS = ("request_overall_timeout", "request_header_timeout")
+
+
+def _retry_after() -> dict[str, Any]:
+    return {
+        "header": {"key": "retry-after", "value": str(RETRY_AFTER_S)},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
+
+
+def _client_timeouts(config: Config) -> dict[str, Any]:
+    """A client trickling its request is answered 408 once `client_body_timeout` has passed
+    since its first byte, however steadily it trickles: Envoy's request_timeout runs from the
+    start of the request until the whole request has been received, and stops there, so a
+    long answer is not cut by it (the route timeout bounds that). A connection with no
+    request in flight is closed after `connection_idle_timeout` (HTTP/1: closed without a
+    byte; HTTP/2: GOAWAY), including one that never sent anything."""
+    s = config.settings
+    return {
+        "request_timeout": _duration(s.client_body_timeout_s),
+        "common_http_protocol_options": {"idle_timeout": _duration(s.connection_idle_timeout_s)},
+    }
+
+
+def _with_limit_replies(config: Config, local_reply: dict[str, Any]) -> dict[str, Any]:
+    """The 408 of a client too slow to send its request, in OpenAI's shape. Envoy gives it
+    no response flag, only its response code details, matched here (the processor's own
+    408s, from a provider's timeout, carry the details `llmux`)."""
+    details = " || ".join(f"response.code_details == '{d}'" for d in CLIENT_TIMEOUT_DETAILS)
+    timeout = config.settings.client_body_timeout_s
+    mapper = {
+        "filter": {
+            "extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    _TYPE: _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                    "expression": details,
+                },
+            }
+        },
+        "body": {
+            "inline_string": "The request was not received in full within "
+            f"llmux.client_body_timeout ({timeout:g}s)"
+        },
+        "body_format_override": {
+            "json_format": {
+                "error": {
+                    "message": "%LOCAL_REPLY_BODY%",
+                    "type": error_type(408),
+                    "param": None,
+                    "code": "408",
+                }
+            },
+            "content_type": "application/json",
+        },
+    }
+    return {**local_reply, "mappers": [mapper, *local_reply["mappers"]]}
+
+
+def _overload_manager(config: Config) -> dict[str, Any]:
+    """At most `max_connections` client connections at once, over every listener but the
+    internal sink. Past it Envoy closes each new connection as it accepts it, without a
+    byte (spike: no HTTP answer is possible there, and this monitor cannot trigger the
+    overload actions that answer 503; see docs/architecture.md); counted in
+    `listener.<address>.downstream_global_cx_overflow`."""
+    return {
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    _TYPE: _T + "envoy.extensions.resource_monitors.downstream_connections.v3."
+                    "DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": config.settings.max_connections,
+                },
+            }
+        ]
+    }
+
+
+def _internal(listener: dict[str, Any]) -> dict[str, Any]:
+    # The sink listener's connections come from Envoy itself (llmux_local): they must never
+    # be refused because clients filled the connection cap.
+    return {**listener, "ignore_global_conn_limit": True}
 
 
 def _response_lua_filter() -> dict[str, Any]:
@@ -612,11 +725,12 @@ def bootstrap(
         "server_name": "llmux",
         # Non-streamed completions can be silent for minutes; the route timeout bounds them.
         "stream_idle_timeout": _duration(s.request_timeout_s),
+        **_client_timeouts(config),
         "use_remote_address": True,
         # Clients can quote it to operators; the access log carries the same id.
         "always_set_request_id_in_response": True,
         "access_log": _access_log(config),
-        "local_reply_config": _with_drain_reply(_local_reply_config()),
+        "local_reply_config": _with_limit_replies(config, _with_drain_reply(_local_reply_config())),
         "http_filters": [
             _health_check_filter(),
             _drain_filter(),
@@ -684,9 +798,10 @@ def bootstrap(
     ]
     doc: dict[str, Any] = {
         "node": {"id": "llmux", "cluster": "llmux"},
+        "overload_manager": _overload_manager(config),
         "admin": {"address": address(s.admin)},
         "static_resources": {
-            "listeners": [listener, envoy_routing.sink_listener(paths.sink_port)],
+            "listeners": [listener, _internal(envoy_routing.sink_listener(paths.sink_port))],
             "clusters": clusters,
         },
         "layered_runtime": {
