@@ -25,7 +25,7 @@ from tests.harness import (
     openai_chat_completion,
     running_gateway,
 )
-from tests.mock_anthropic import API_KEY, anthropic_error, answer, request_errors, sse
+from tests.mock_anthropic import API_KEY, answer, anthropic_error, request_errors, sse
 
 pytestmark = pytest.mark.e2e
 

@@ -12,6 +12,7 @@ import pytest
 from llmux_extproc.control import envoy_config, supervisor
 from llmux_extproc.control.config import ConfigError, parse_config
 from llmux_extproc.control.envoy_config import RuntimePaths
+from llmux_extproc.control.envoy_routing import EXTPROC_CLUSTER
 from tests.test_envoy_config import validate
 
 BASE = """
@@ -77,9 +78,7 @@ def test_envoy_gets_the_timeouts_and_the_caps(tmp_path: Path) -> None:
     listeners = doc["static_resources"]["listeners"]
     assert "ignore_global_conn_limit" not in listeners[0]
     assert listeners[1]["ignore_global_conn_limit"] is True
-    (extproc,) = [
-        c for c in doc["static_resources"]["clusters"] if c["name"] == envoy_config.EXTPROC_CLUSTER
-    ]
+    (extproc,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == EXTPROC_CLUSTER]
     threshold = extproc["circuit_breakers"]["thresholds"][0]
     assert threshold["max_requests"] == 3 * 20 + envoy_config.EXTPROC_SPARE_STREAMS
     validate(doc, tmp_path)
