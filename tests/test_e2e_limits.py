@@ -165,6 +165,8 @@ def test_trickling_client_gets_json_408(timeouts_gateway: Gateway) -> None:
     # nor after the whole body; bounds generous for a loaded machine.
     assert sent < len(body) - 1
     assert 1.0 < elapsed < 10, elapsed
+    assert headers.get("connection") == "close"
+    assert closed_without_a_byte(sock)
     sock.close()
     serves_next(gw)
 

@@ -146,9 +146,10 @@ def _extproc_thresholds(config: Config) -> dict[str, int]:
     translated stream, for its whole life): past `max_streams_per_worker` per worker, Envoy
     refuses to open more and the request gets a 503 with retry-after at once, in Envoy
     (local_reply_config), costing no worker anything. Without a cap, translated streams at
-    1,200-1,500 req/s on one worker had gRPC's server cancel streams it could not take up
-    (CANCELLED, answered 503 without retry-after) and Envoy 1.40 crash (SIGSEGV) within
-    seconds, three runs out of three; with the cap, none of either (docs/architecture.md)."""
+    1,000-1,500 req/s on one worker were dropped by the worker's gRPC server (CANCELLED) or
+    found it unhealthy (its health checks timing out), answered 503 without retry-after or
+    504 after seconds; with the cap, almost only these immediate 503s (docs/architecture.md,
+    which also has the Envoy crash neither setting avoided)."""
     s = config.settings
     return {
         "max_connections": 10000,
