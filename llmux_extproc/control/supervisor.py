@@ -189,7 +189,7 @@ def raise_fd_limit(max_connections: int) -> tuple[int, int]:
     if soft < need:
         log.warning(
             "file-descriptor limit %d is below the %d that llmux.max_connections (%d) may need"
-            " (two per connection and %d more); past it Envoy fails to accept or to connect."
+            " (two per connection and %d more); Envoy may run out of descriptors before the cap."
             " Raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, the container's nofile)"
             " or lower llmux.max_connections",
             soft,
