@@ -298,7 +298,7 @@ class SlowAnthropic:
 
 
 def test_overload_is_shed_with_json_503_and_recovers(tmp_path: Path) -> None:
-    handler = SlowAnthropic(hold=4.0)
+    handler = SlowAnthropic(hold=6.0)
     upstream = MockUpstream(handler).start()
     config = {
         "model_list": [
@@ -315,7 +315,7 @@ def test_overload_is_shed_with_json_503_and_recovers(tmp_path: Path) -> None:
         "llmux": {"workers": 1, "max_streams_per_worker": 10},
     }
     # 10 streams per worker plus Envoy's spare (envoy_config.EXTPROC_SPARE_STREAMS, 64):
-    # 74 concurrent 4 s streams fit, 120 do not.
+    # 74 concurrent 6 s streams fit, 120 do not.
     offered = 120
     try:
         with running_gateway(config, tmp_path) as gw:
