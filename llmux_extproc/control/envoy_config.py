@@ -500,7 +500,7 @@ def _retry_after() -> dict[str, Any]:
     }
 
 
-def _client_timeouts(config: Config) -> dict[str, Any]:
+def _add_client_timeouts(hcm: dict[str, Any], config: Config) -> None:
     """A client trickling its request is answered 408 once `client_body_timeout` has passed
     since its first byte, however steadily it trickles: Envoy's request_timeout runs from the
     start of the request until the whole request has been received, and stops there, so a
@@ -508,10 +508,10 @@ def _client_timeouts(config: Config) -> dict[str, Any]:
     request in flight is closed after `connection_idle_timeout` (HTTP/1: closed without a
     byte; HTTP/2: GOAWAY), including one that never sent anything."""
     s = config.settings
-    return {
-        "request_timeout": _duration(s.client_body_timeout_s),
-        "common_http_protocol_options": {"idle_timeout": _duration(s.connection_idle_timeout_s)},
-    }
+    hcm["request_timeout"] = _duration(s.client_body_timeout_s)
+    # Merged, not set: other HTTP protocol options may live in the same message.
+    options = hcm.setdefault("common_http_protocol_options", {})
+    options["idle_timeout"] = _duration(s.connection_idle_timeout_s)
 
 
 def _with_limit_replies(config: Config, local_reply: dict[str, Any]) -> dict[str, Any]:
@@ -726,7 +726,6 @@ def bootstrap(
         "server_name": "llmux",
         # Non-streamed completions can be silent for minutes; the route timeout bounds them.
         "stream_idle_timeout": _duration(s.request_timeout_s),
-        **_client_timeouts(config),
         "use_remote_address": True,
         # Clients can quote it to operators; the access log carries the same id.
         "always_set_request_id_in_response": True,
@@ -763,6 +762,7 @@ def bootstrap(
             },
         ],
     }
+    _add_client_timeouts(hcm, config)
     if static_clusters:
         hcm["route_config"] = envoy_routing.route_configuration(config, _extra_routes())
     else:
