@@ -171,6 +171,40 @@ def test_trickling_client_gets_json_408(timeouts_gateway: Gateway) -> None:
     serves_next(gw)
 
 
+def test_trickling_headers_get_json_408(timeouts_gateway: Gateway) -> None:
+    # The whole-request timer starts at the request's first byte: headers sent a byte at a
+    # time (slowloris) are cut by it too.
+    gw = timeouts_gateway
+    sock = connect(gw)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: llmux\r\nX-Slow: " + b"a" * 200
+    started = time.monotonic()
+    sent = 0
+    sock.setblocking(False)
+    got = b""
+    while sent < len(head) and time.monotonic() - started < 30:
+        try:
+            got = sock.recv(65536)
+            break
+        except BlockingIOError:
+            pass
+        try:
+            sock.sendall(head[sent : sent + 1])
+            sent += 1
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+    sock.setblocking(True)
+    sock.settimeout(10)
+    status, headers, reply = read_response(_Prefixed(sock, got))  # type: ignore[arg-type]
+    assert status == 408, reply
+    assert openai_error(reply)["code"] == "408"
+    assert sent < len(head)
+    assert 1.0 < elapsed < 10, elapsed
+    sock.close()
+    serves_next(gw)
+
+
 def test_answer_slower_than_client_body_timeout_is_not_cut(timeouts_gateway: Gateway) -> None:
     # The whole-request timer stops once the request has been received.
     client = openai.OpenAI(base_url=timeouts_gateway.openai_base, api_key="x", max_retries=0)

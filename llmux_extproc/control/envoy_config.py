@@ -506,7 +506,7 @@ def _add_client_timeouts(hcm: dict[str, Any], config: Config) -> None:
     start of the request until the whole request has been received, and stops there, so a
     long answer is not cut by it (the route timeout bounds that). A connection with no
     request in flight is closed after `connection_idle_timeout` (HTTP/1: closed without a
-    byte; HTTP/2: GOAWAY), including one that never sent anything."""
+    byte; HTTP/2: Envoy's GOAWAY, not measured), including one that never sent anything."""
     s = config.settings
     hcm["request_timeout"] = _duration(s.client_body_timeout_s)
     # Merged, not set: other HTTP protocol options may live in the same message.
