@@ -9,7 +9,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import openai
@@ -48,7 +48,11 @@ def connect(gw: Gateway) -> socket.socket:
     return sock
 
 
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+class Reader(Protocol):
+    def recv(self, n: int, /) -> bytes: ...
+
+
+def read_response(sock: Reader) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 response with a content-length, read off a raw socket."""
     data = b""
     while b"\r\n\r\n" not in data:
@@ -154,7 +158,7 @@ def test_trickling_client_gets_json_408(timeouts_gateway: Gateway) -> None:
     elapsed = time.monotonic() - started
     sock.setblocking(True)
     sock.settimeout(10)
-    status, headers, reply = read_response(_Prefixed(sock, answer_bytes))  # type: ignore[arg-type]
+    status, headers, reply = read_response(_Prefixed(sock, answer_bytes))
     assert status == 408, reply
     assert headers["content-type"] == "application/json"
     error = openai_error(reply)
@@ -196,7 +200,7 @@ def test_trickling_headers_get_json_408(timeouts_gateway: Gateway) -> None:
     elapsed = time.monotonic() - started
     sock.setblocking(True)
     sock.settimeout(10)
-    status, headers, reply = read_response(_Prefixed(sock, got))  # type: ignore[arg-type]
+    status, _, reply = read_response(_Prefixed(sock, got))
     assert status == 408, reply
     assert openai_error(reply)["code"] == "408"
     assert sent < len(head)
