@@ -307,6 +307,14 @@ def test_connection_cap_closes_connections_past_it(tmp_path: Path) -> None:
 # -- overload: more requests than the workers take ---------------------------------------
 
 
+def extproc_stat(gw: Gateway, name: str) -> int:
+    for line in admin_text(gw, f"/stats?filter=^{name}$").splitlines():
+        key, _, value = line.partition(": ")
+        if key == name:
+            return int(value)
+    raise AssertionError(f"{name} not in Envoy's stats")
+
+
 class SlowAnthropic:
     """Anthropic's Messages API, streamed: the first events at once, the rest after
     `hold` seconds, so each translated stream keeps its ext_proc stream open that long.
@@ -372,6 +380,8 @@ def test_overload_is_shed_with_json_503_and_recovers(tmp_path: Path) -> None:
                 ) as client:
                     return await asyncio.gather(*(one(client) for _ in range(offered)))
 
+            overflow = "cluster.llmux_extproc.upstream_rq_active_overflow"
+            before = extproc_stat(gw, overflow)
             results = asyncio.run(burst())
             statuses = sorted({status for status, _, _ in results})
             assert set(statuses) <= {200, 503}, statuses
@@ -382,9 +392,13 @@ def test_overload_is_shed_with_json_503_and_recovers(tmp_path: Path) -> None:
             for headers, body in shed:
                 assert headers["retry-after"] == "1"
                 assert headers["content-type"] == "application/json"
-                assert openai_error(body)["type"] == "service_unavailable_error"
+                error = openai_error(body)
+                assert error["type"] == "service_unavailable_error"
+                assert "llmux.max_streams_per_worker" in error["message"]
             for body in served:
                 assert body.rstrip().endswith(b"data: [DONE]"), body[-200:]
+            # Envoy refused them (the ext_proc cluster's circuit breaker): no worker saw them.
+            assert extproc_stat(gw, overflow) - before == len(shed)
             # Recovery: once the burst is over, translated streams are served again.
             client = openai.OpenAI(base_url=gw.openai_base, api_key="x", max_retries=0)
             handler.hold = 0.0

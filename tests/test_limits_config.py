@@ -92,6 +92,10 @@ def test_local_replies_for_limits() -> None:
     error = first["body_format_override"]["json_format"]["error"]
     assert error["type"] == "timeout_error" and error["code"] == "408"
     assert "llmux.client_body_timeout (5s)" in first["body"]["inline_string"]
+    shed = mappers[1]
+    expression = shed["filter"]["extension_filter"]["typed_config"]["expression"]
+    assert "ext_proc_error" in expression and "overflow" in expression
+    assert "llmux.max_streams_per_worker" in shed["body"]["inline_string"]
     # Every 503 LLMux's Envoy answers itself says when to retry.
     for mapper in mappers:
         fmt = mapper["body_format_override"]["json_format"]["error"]

@@ -515,38 +515,56 @@ def _add_client_timeouts(hcm: dict[str, Any], config: Config) -> None:
 
 
 def _with_limit_replies(config: Config, local_reply: dict[str, Any]) -> dict[str, Any]:
-    """The 408 of a client too slow to send its request, in OpenAI's shape. Envoy gives it
-    no response flag, only its response code details, matched here (the processor's own
-    408s, from a provider's timeout, carry the details `llmux`)."""
-    details = " || ".join(f"response.code_details == '{d}'" for d in CLIENT_TIMEOUT_DETAILS)
-    timeout = config.settings.client_body_timeout_s
-    mapper = {
+    """Envoy's answers for the limits, in OpenAI's shape, ahead of the generic mappers.
+    Neither has a response flag, only response code details, matched here: the 408 of a
+    client too slow to send its request (the processor's own 408s, from a provider's
+    timeout, carry the details `llmux`), and the 503 of a request shed because the workers
+    hold `max_streams_per_worker` streams each (the ext_proc stream could not be opened:
+    measured details `ext_proc_error_gRPC_error_14{..._reset_reason:_overflow{...}}`)."""
+    s = config.settings
+    timeout = " || ".join(f"response.code_details == '{d}'" for d in CLIENT_TIMEOUT_DETAILS)
+    shed = "response.code_details.startsWith('ext_proc_error') && "
+    shed += "response.code_details.contains('overflow')"
+    too_slow = _details_reply(
+        timeout,
+        408,
+        "The request was not received in full within "
+        f"llmux.client_body_timeout ({s.client_body_timeout_s:g}s)",
+    )
+    overloaded = _details_reply(
+        shed,
+        503,
+        f"LLMux is at its limit of {s.max_streams_per_worker} requests per worker "
+        "(llmux.max_streams_per_worker); retry after the retry-after header's seconds",
+    )
+    overloaded["headers_to_add"] = [_retry_after()]
+    return {**local_reply, "mappers": [too_slow, overloaded, *local_reply["mappers"]]}
+
+
+def _details_reply(expression: str, status: int, message: str) -> dict[str, Any]:
+    return {
         "filter": {
             "extension_filter": {
                 "name": "envoy.access_loggers.extension_filters.cel",
                 "typed_config": {
                     _TYPE: _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                    "expression": details,
+                    "expression": expression,
                 },
             }
         },
-        "body": {
-            "inline_string": "The request was not received in full within "
-            f"llmux.client_body_timeout ({timeout:g}s)"
-        },
+        "body": {"inline_string": message},
         "body_format_override": {
             "json_format": {
                 "error": {
                     "message": "%LOCAL_REPLY_BODY%",
-                    "type": error_type(408),
+                    "type": error_type(status),
                     "param": None,
-                    "code": "408",
+                    "code": str(status),
                 }
             },
             "content_type": "application/json",
         },
     }
-    return {**local_reply, "mappers": [mapper, *local_reply["mappers"]]}
 
 
 def _overload_manager(config: Config) -> dict[str, Any]:
