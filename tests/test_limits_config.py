@@ -42,7 +42,7 @@ def test_defaults() -> None:
     assert s.connection_idle_timeout_s == 120.0
     # The seed's 10,000 concurrent streams fit under the cap, with room for idle clients.
     assert s.max_connections == 12000 > 10000
-    assert s.max_streams_per_worker == 300
+    assert s.max_streams_per_worker == 512
 
 
 def test_values_are_parsed_and_checked() -> None:

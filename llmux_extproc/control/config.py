@@ -128,10 +128,11 @@ class Settings:
     client_body_timeout_s: float = 60.0
     connection_idle_timeout_s: float = 120.0
     max_connections: int = 12000
-    # 300: at the 0.1-0.15 ms of worker CPU a message costs, 300 translated streams of ~20
-    # chunks a second each already keep one worker busy; and in overload runs Envoy crashed
-    # with 1,000 or no cap, never with 300 (5 runs; docs/architecture.md).
-    max_streams_per_worker: int = 300
+    # 512: in overload runs Envoy crashed with no cap (6 of 7) or 1,000 (2 of 4), never
+    # with 512 (3 runs) or 300 (5); 512 still lets 512 clients stream at once without a
+    # refusal (closed loop), and at 0.1-0.15 ms of worker CPU a message, 512 translated
+    # streams of ~20 chunks a second would keep a worker busy anyway (docs/architecture.md).
+    max_streams_per_worker: int = 512
 
 
 # LiteLLM's retry_policy classes, and the statuses each stands for. A class set to 0 is

@@ -148,8 +148,9 @@ def _extproc_thresholds(config: Config) -> dict[str, int]:
     (local_reply_config), costing no worker anything. Without a cap, translated streams at
     1,000-1,500 req/s on one worker were dropped by the worker's gRPC server (CANCELLED) or
     found it unhealthy (its health checks timing out), answered 503 without retry-after or
-    504 after seconds, and Envoy crashed (SIGSEGV) in 6 runs of 7; with the default cap of
-    300, only these immediate 503s and no crash in 5 runs (docs/architecture.md)."""
+    504 after seconds, and Envoy crashed (SIGSEGV) in 6 runs of 7; with a cap of 512 (the
+    default) or 300, only these immediate 503s and no crash in 8 runs
+    (docs/architecture.md)."""
     s = config.settings
     return {
         "max_connections": 10000,
