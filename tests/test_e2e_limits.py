@@ -262,27 +262,30 @@ class _Prefixed:
 # -- the connection cap ------------------------------------------------------------------
 
 
-def envoy_stat(gw: Gateway, suffix: str) -> int:
-    total = 0
-    for line in admin_text(gw, "/stats").splitlines():
-        name, _, value = line.partition(": ")
-        if name.endswith(suffix) and f"_{gw.port}." in name:
-            total += int(value)
-    return total
+def listener_stat(gw: Gateway, stat: str) -> int:
+    """A stat of the client listener as a whole (not its per-thread copies)."""
+    return envoy_stat(gw, f"listener.127.0.0.1_{gw.port}.{stat}")
 
 
 def test_connection_cap_closes_connections_past_it(tmp_path: Path) -> None:
     with running_gateway({"model_list": [MOCK], "llmux": {"max_connections": 4}}, tmp_path) as gw:
+        # The harness's readiness probes used connections too: wait until Envoy has closed
+        # them, or one of the four below could be the one past the cap.
+        deadline = time.monotonic() + 10
+        while listener_stat(gw, "downstream_cx_active") > 0:
+            assert time.monotonic() < deadline, "earlier connections still open"
+            time.sleep(0.05)
         held = [connect(gw) for _ in range(4)]
         # The four are counted once Envoy has accepted them.
         deadline = time.monotonic() + 10
-        while envoy_stat(gw, ".downstream_cx_active") < 4 and time.monotonic() < deadline:
+        while listener_stat(gw, "downstream_cx_active") < 4:
+            assert time.monotonic() < deadline, "Envoy did not accept the four connections"
             time.sleep(0.05)
-        before = envoy_stat(gw, ".downstream_global_cx_overflow")
+        before = listener_stat(gw, "downstream_global_cx_overflow")
         extra = connect(gw)
         assert closed_without_a_byte(extra)  # Envoy cannot answer there: it closes
         extra.close()
-        assert envoy_stat(gw, ".downstream_global_cx_overflow") == before + 1
+        assert listener_stat(gw, "downstream_global_cx_overflow") == before + 1
         # A connection under the cap is served, and the mock's request reaches the sink
         # listener inside Envoy: Envoy's own connection to it is not refused by the cap.
         body = orjson.dumps(CHAT)
@@ -298,7 +301,7 @@ def test_connection_cap_closes_connections_past_it(tmp_path: Path) -> None:
         for sock in held:
             sock.close()
         deadline = time.monotonic() + 10
-        while envoy_stat(gw, ".downstream_cx_active") > 0 and time.monotonic() < deadline:
+        while listener_stat(gw, "downstream_cx_active") > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         serves_next(gw)
         assert "file-descriptor limit" in gw.log()
@@ -307,7 +310,7 @@ def test_connection_cap_closes_connections_past_it(tmp_path: Path) -> None:
 # -- overload: more requests than the workers take ---------------------------------------
 
 
-def extproc_stat(gw: Gateway, name: str) -> int:
+def envoy_stat(gw: Gateway, name: str) -> int:
     for line in admin_text(gw, f"/stats?filter=^{name}$").splitlines():
         key, _, value = line.partition(": ")
         if key == name:
@@ -381,7 +384,7 @@ def test_overload_is_shed_with_json_503_and_recovers(tmp_path: Path) -> None:
                     return await asyncio.gather(*(one(client) for _ in range(offered)))
 
             overflow = "cluster.llmux_extproc.upstream_rq_active_overflow"
-            before = extproc_stat(gw, overflow)
+            before = envoy_stat(gw, overflow)
             results = asyncio.run(burst())
             statuses = sorted({status for status, _, _ in results})
             assert set(statuses) <= {200, 503}, statuses
@@ -398,7 +401,7 @@ def test_overload_is_shed_with_json_503_and_recovers(tmp_path: Path) -> None:
             for body in served:
                 assert body.rstrip().endswith(b"data: [DONE]"), body[-200:]
             # Envoy refused them (the ext_proc cluster's circuit breaker): no worker saw them.
-            assert extproc_stat(gw, overflow) - before == len(shed)
+            assert envoy_stat(gw, overflow) - before == len(shed)
             # Recovery: once the burst is over, translated streams are served again.
             client = openai.OpenAI(base_url=gw.openai_base, api_key="x", max_retries=0)
             handler.hold = 0.0
