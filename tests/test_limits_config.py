@@ -86,14 +86,20 @@ def test_envoy_gets_the_timeouts_and_the_caps(tmp_path: Path) -> None:
 
 def test_local_replies_for_limits() -> None:
     mappers = hcm(bootstrap("  client_body_timeout: 5\n"))["local_reply_config"]["mappers"]
+
+    def expression_of(mapper: dict[str, Any]) -> str:
+        status, cel = mapper["filter"]["and_filter"]["filters"]
+        assert "status_code_filter" in status  # compared before any CEL is evaluated
+        return str(cel["extension_filter"]["typed_config"]["expression"])
+
     first = mappers[0]
-    expression = first["filter"]["extension_filter"]["typed_config"]["expression"]
+    expression = expression_of(first)
     assert "request_overall_timeout" in expression and "request_header_timeout" in expression
     error = first["body_format_override"]["json_format"]["error"]
     assert error["type"] == "timeout_error" and error["code"] == "408"
     assert "llmux.client_body_timeout (5s)" in first["body"]["inline_string"]
     shed = mappers[1]
-    expression = shed["filter"]["extension_filter"]["typed_config"]["expression"]
+    expression = expression_of(shed)
     assert "ext_proc_error" in expression and "overflow" in expression
     assert "llmux.max_streams_per_worker" in shed["body"]["inline_string"]
     # Every 503 LLMux's Envoy answers itself says when to retry.

@@ -8,6 +8,7 @@ as warnings, never silently treated as honoured.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -120,6 +121,10 @@ class Settings:
     # more than failure_rate of at least min_requests attempts in window failed, stays open
     # for open_time, then lets half_open_probes probes through.
     breaker: dict[str, float] = field(default_factory=dict)
+    # /metrics on the public listener: "auth" (the master key, when one is set), "open"
+    # (anyone, LiteLLM's default) or "off" (only at `metrics`). Spend by team and model is
+    # not for every caller to read.
+    listener_metrics: str = "auth"
     # Slow and idle clients, and overload (README, Limits and overload). The whole request
     # (headers and body) must arrive within client_body_timeout (408); a connection without
     # a request in flight is closed after connection_idle_timeout; Envoy accepts at most
@@ -212,6 +217,13 @@ class Config:
     # Apply LLMux's migrations at `llmux run` start (LiteLLM: disable_prisma_schema_update,
     # DISABLE_SCHEMA_UPDATE turn it off).
     schema_update: bool = True
+    # LiteLLM's Prometheus callback (`litellm_settings.callbacks: ["prometheus"]`): also
+    # export LiteLLM's metric names and labels (observability/metrics.py).
+    litellm_metrics: bool = False
+    # LiteLLM's litellm_settings.turn_off_message_logging, inverted, and off unless that is
+    # explicitly false: whether log lines may carry what providers say about a request
+    # (their error messages echo prompts). Redaction applies either way.
+    message_logging: bool = False
 
     @property
     def routing_strategy(self) -> str:
@@ -286,6 +298,63 @@ VERTEX_ALIASES = {
     "vertex_ai_location": "vertex_location",
     "vertex_ai_credentials": "vertex_credentials",
 }
+# general_settings and litellm_settings keys LLMux reads; any other key LiteLLM users
+# write there (alerting, callbacks, caching, ...) is a warning naming it.
+GENERAL_KEYS = {
+    "master_key",
+    "database_url",
+    "user_api_key_cache_ttl",
+    "disable_prisma_schema_update",
+}
+# Router settings LiteLLM also reads from litellm_settings (setting() in _parse_router).
+LITELLM_ROUTER_KEYS = {
+    "num_retries",
+    "timeout",
+    "request_timeout",
+    "stream_timeout",
+    "fallbacks",
+    "context_window_fallbacks",
+    "content_policy_fallbacks",
+    "default_fallbacks",
+    "allowed_fails",
+    "cooldown_time",
+    "disable_cooldowns",
+}
+CALLBACK_KEYS = ("callbacks", "success_callback", "failure_callback")
+# Callback names LLMux honours; any other name in those lists is a warning naming it.
+SUPPORTED_CALLBACKS = {"prometheus"}
+LITELLM_KEYS = {
+    "drop_params",
+    # Secrets and privacy (README): /metrics on the listener, provider messages in the log.
+    "require_auth_for_metrics_endpoint",
+    "turn_off_message_logging",
+    *CALLBACK_KEYS,
+    *LITELLM_ROUTER_KEYS,
+}
+# The `llmux:` section (docs/configuration.md lists each; a test holds them to it).
+LLMUX_KEYS = {
+    "listen",
+    "admin",
+    "metrics",
+    "workers",
+    "runtime_dir",
+    "request_timeout",
+    "stream_idle_timeout",
+    "stream_accounting",
+    "connect_timeout",
+    "max_request_body_bytes",
+    "max_response_body_bytes",
+    "access_log",
+    "reload_poll_interval",
+    "drain_timeout",
+    "circuit_breaker",
+    "listener_metrics",
+    # Slow and idle clients and overload (LIMIT_KEYS).
+    "client_body_timeout",
+    "connection_idle_timeout",
+    "max_connections",
+    "max_streams_per_worker",
+}
 KNOWN_SECTIONS = {
     "model_list",
     "router_settings",
@@ -350,6 +419,21 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     router = _mapping(raw.get("router_settings"), "router_settings")
     litellm = _mapping(raw.get("litellm_settings"), "litellm_settings")
 
+    for section, table, known in (
+        ("general_settings", general, GENERAL_KEYS),
+        ("litellm_settings", litellm, LITELLM_KEYS),
+    ):
+        warnings.extend(
+            f"{section}.{key}: not supported by LLMux, ignored"
+            for key in sorted(set(table) - known)
+        )
+    for key in CALLBACK_KEYS:
+        names = litellm.get(key) or []
+        warnings.extend(
+            f"litellm_settings.{key}: {name!r} not supported by LLMux, ignored"
+            for name in ([names] if isinstance(names, str) else names)
+            if name not in SUPPORTED_CALLBACKS
+        )
     router_settings = _parse_router(router, litellm, warnings)
 
     master_key = general.get("master_key")
@@ -375,6 +459,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     ).lower() not in ("1", "true", "yes")
 
     settings = _parse_settings(_mapping(raw.get("llmux"), "llmux"))
+    settings = _listener_metrics(settings, raw.get("llmux") or {}, litellm)
+    message_logging = litellm.get("turn_off_message_logging", True) is False
     model_list = raw.get("model_list") or []
     if not isinstance(model_list, list):
         raise ConfigError("model_list: must be a list")
@@ -410,7 +496,40 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         database_url=database_url,
         key_cache_ttl_s=key_cache_ttl,
         schema_update=schema_update,
+        litellm_metrics=prometheus_callback(litellm),
+        message_logging=message_logging,
     )
+
+
+LISTENER_METRICS = ("auth", "open", "off")
+
+
+def _listener_metrics(settings: Settings, raw: dict[str, Any], litellm: dict[str, Any]) -> Settings:
+    """llmux.listener_metrics, else LiteLLM's require_auth_for_metrics_endpoint (false:
+    open), else "auth"."""
+    if "listener_metrics" in raw:
+        given = raw["listener_metrics"]
+        # YAML 1.1 reads a bare `off` as false.
+        value = _choice(
+            "off" if given is False else given, "llmux.listener_metrics", LISTENER_METRICS
+        )
+    elif litellm.get("require_auth_for_metrics_endpoint") is False:
+        value = "open"
+    else:
+        value = "auth"
+    return dataclasses.replace(settings, listener_metrics=value)
+
+
+def prometheus_callback(litellm: dict[str, Any]) -> bool:
+    """Whether litellm_settings asks for LiteLLM's Prometheus metrics, in any of the lists
+    LiteLLM reads callbacks from."""
+    for key in CALLBACK_KEYS:
+        names = litellm.get(key) or []
+        if isinstance(names, str):
+            names = [names]
+        if isinstance(names, list) and "prometheus" in names:
+            return True
+    return False
 
 
 def _parse_deployment(
@@ -650,27 +769,9 @@ def _check_host(host: str, api_base: str, where: str) -> None:
 
 
 def _parse_settings(raw: dict[str, Any]) -> Settings:
-    known = {
-        "listen",
-        "admin",
-        "metrics",
-        "workers",
-        "runtime_dir",
-        "request_timeout",
-        "stream_idle_timeout",
-        "stream_accounting",
-        "connect_timeout",
-        "max_request_body_bytes",
-        "max_response_body_bytes",
-        "access_log",
-        "reload_poll_interval",
-        "drain_timeout",
-        "circuit_breaker",
-        *LIMIT_KEYS,
-    }
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - LLMUX_KEYS)
     if unknown:
-        raise ConfigError(f"llmux: unknown setting(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"llmux: unknown setting(s) {unknown}; known: {sorted(LLMUX_KEYS)}")
     workers = _int(raw.get("workers", 1), "llmux.workers")
     if not 1 <= workers <= 64:
         raise ConfigError("llmux.workers: must be between 1 and 64")

@@ -252,6 +252,10 @@ class Supervisor:
         # Created here, not in __init__: it imports the metrics, which must come after
         # PROMETHEUS_MULTIPROC_DIR is set (run()).
         self.control = ControlPlane(self.config, self.paths.sink_port, self.push_clusters)
+        from llmux_extproc.observability import metrics
+
+        for process in ("worker", "envoy"):  # at 0 from the start: rate() and alerts see them
+            metrics.RESTARTS.labels(process)
         asyncio.run(self.control.resolve())
         for host in self.control.unresolved():
             log.warning("provider host %s does not resolve yet; Envoy resolves it", host)
@@ -340,6 +344,7 @@ class Supervisor:
             restarts = self._worker_restarts[i]
             if restarts.due is None and proc.poll() is not None:
                 delay = restarts.died(now)
+                self._forget_metrics_of(proc.pid)
                 log.error(
                     "ext_proc worker %d (pid %d) died (%s); restarting it on %s%s",
                     i,
@@ -349,6 +354,7 @@ class Supervisor:
                     f" in {delay:.2f}s (crash loop)" if delay else "",
                 )
             if restarts.due is not None and now >= restarts.due:
+                self._count_restart("worker")
                 self.workers[i] = self._spawn_worker(i)
                 restarts.started, restarts.due = now, None
                 log.info("ext_proc worker %d restarted: pid %d", i, self.workers[i].pid)
@@ -382,10 +388,27 @@ class Supervisor:
                 f" in {delay:.2f}s (crash loop)" if delay else "",
             )
         if restarts.due is not None and now >= restarts.due and not self.draining:
+            self._count_restart("envoy")
             self.envoy = self._spawn_envoy()
             restarts.started, restarts.due = now, None
             log.info("Envoy restarted: pid %d", self.envoy.pid)
         return None
+
+    @staticmethod
+    def _forget_metrics_of(pid: int) -> None:
+        """Drop a dead worker's live gauges (open streams, tasks): prometheus_client keeps
+        summing its last values otherwise, so a worker killed mid-request counted its
+        streams as open for ever. Its counters stay: totals never go back."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    def _count_restart(process: str) -> None:
+        from llmux_extproc.observability import metrics
+
+        metrics.RESTARTS.labels(process).inc()
 
     # -- reload --------------------------------------------------------------------
 
@@ -574,6 +597,9 @@ class Supervisor:
         await control_server.start()
         tokens = await listen_for_tokens(self.control, self.paths.root / TOKENS_SOCKET)
         control = asyncio.create_task(self.control.run(self.paths.deployments))
+        from llmux_extproc.observability import budgets
+
+        budget_metrics = asyncio.create_task(budgets.watch(lambda: self.config))
         try:
             while not stop.is_set():
                 if self.config_path:
@@ -587,6 +613,7 @@ class Supervisor:
         finally:
             watcher.cancel()
             control.cancel()
+            budget_metrics.cancel()
             tokens.close()
             await control_server.stop(grace=None)
 

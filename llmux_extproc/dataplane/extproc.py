@@ -45,6 +45,7 @@ from llmux_extproc.dataplane.gateway import (
     ResponseAction,
     StreamSession,
     attempt_headers,
+    dropped_client_headers,
 )
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.observability import metrics
@@ -121,7 +122,7 @@ def immediate(answer: Immediate) -> pb.ProcessingResponse:
     )
 
 
-def forward(fwd: Forward) -> pb.ProcessingResponse:
+def forward(fwd: Forward, request_headers: Iterable[str] = ()) -> pb.ProcessingResponse:
     up = fwd.upstream
     headers = {":path": up.path, ":authority": fwd.authority, **up.headers}
     body_mutation = None
@@ -132,7 +133,10 @@ def forward(fwd: Forward) -> pb.ProcessingResponse:
         # Envoy re-sends the client's body on a retry, but the headers keep what the last
         # attempt set: a length it set for a rewritten body must not outlive it.
         headers["content-length"] = str(len(fwd.exchange.req.raw))
-    remove = [h for h in fwd.remove_headers if h not in headers]
+    # The allow-list of client headers: request_headers are what this attempt's headers
+    # message held (the client's, Envoy's, a previous attempt's).
+    remove = dropped_client_headers(request_headers, headers)
+    remove.extend(h for h in fwd.remove_headers if h not in headers and h not in remove)
     response = pb.ProcessingResponse(
         request_body=pb.BodyResponse(
             response=pb.CommonResponse(
@@ -256,7 +260,7 @@ class _HttpStream:
             self.exchange = decision.exchange
             if decision.held:
                 self.held = decision.exchange.dep.id
-            return forward(decision)
+            return forward(decision, self.headers)
         if kind == "response_headers":
             return self._response_headers(msg.response_headers)
         if kind == "response_body":

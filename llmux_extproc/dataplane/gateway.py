@@ -16,9 +16,10 @@ accounted later by `account_passthrough`), a `StreamSession` chunk by chunk, or
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Container, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ from llmux_extproc.providers.mock import MockAdapter
 from llmux_extproc.providers.openai import OpenAIStream, client_wants_usage
 from llmux_extproc.providers.registry import adapter_for, provider_header_names
 
+log = logging.getLogger("llmux.gateway")
+
 OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/chat/completions": "chat",
@@ -77,6 +80,25 @@ _CONTEXT_WINDOW_HINTS = (
 )
 _CONTENT_POLICY_HINTS = ("content policy", "content_policy", "content_filter", "safety")
 VALID_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+# The only request headers a provider gets besides the pseudo-headers and what its adapter
+# sets: everything else the client sent (cookies, proxy credentials, tracing and SDK
+# headers) and Envoy's x-forwarded-* and x-envoy-* are removed, as LiteLLM forwards no
+# client header by default. `accept-encoding` goes too: a compressed answer could be
+# neither translated nor read for its usage. Two of Envoy's stay: the removal edits the
+# request's one header map, which the logs read when the attempt ends, `x-request-id` in
+# the access log (removing it nulled the log's request_id in a spike) and
+# `x-envoy-attempt-count` in the upstream log (the control plane counts retries by it).
+CLIENT_HEADERS_TO_PROVIDER = frozenset({"content-type", "x-request-id", "x-envoy-attempt-count"})
+
+
+def dropped_client_headers(request_headers: Iterable[str], keep: Container[str]) -> list[str]:
+    """The request headers an attempt must remove: all but the allow-list and `keep` (what
+    the adapter sets). On a retry that includes what the previous attempt set."""
+    return [
+        h
+        for h in request_headers
+        if h not in keep and h not in CLIENT_HEADERS_TO_PROVIDER and h[:1] != ":"
+    ]
 
 
 @dataclass(slots=True)
@@ -309,6 +331,12 @@ class Gateway:
             if caller.principal is not None:
                 return Immediate(200, self._model_list(caller.principal))
             return Immediate(200, state.model_list)
+        if method == "GET" and path == "/metrics":  # llmux.listener_metrics: auth
+            refusal = self._metrics_refusal(caller)
+            if refusal is not None:
+                return _error(refusal)
+            text, content_type = metrics.render()
+            return Immediate(200, text, {"content-type": content_type})
         if path in management.PATHS or (method == "GET" and path == "/health"):
             refusal = self._admin_only(caller, path)
             if refusal is not None:
@@ -319,6 +347,16 @@ class Gateway:
         if path not in OPERATIONS:
             return _error(GatewayError(404, f"Unknown path {path!r}"))
         return caller
+
+    def _metrics_refusal(self, caller: Caller) -> GatewayError | None:
+        """Spend by team and model is the operator's: with a master key set, /metrics needs
+        it (a missing or wrong key was already refused with a 401); a virtual key gets 403.
+        Without a master key there are no keys to ask for."""
+        if caller.principal is not None or (self.state.config.master_key and not caller.admin):
+            return GatewayError(
+                403, "/metrics needs the master key; a virtual key may not read it."
+            )
+        return None
 
     def _admin_only(self, caller: Caller, path: str) -> GatewayError | None:
         if caller.principal is not None:
@@ -367,6 +405,8 @@ class Gateway:
         assert self.keys is not None
         try:
             answer = await management.handle(self.keys, method, path, body)
+        except management.MethodNotAllowed as err:
+            return Immediate(err.status, err.body(), {"allow": err.allow}, {"error": err.type})
         except GatewayError as err:
             return _error(err)
         return Immediate(answer.status, orjson.dumps(answer.body), answer.headers)
@@ -403,6 +443,10 @@ class Gateway:
                 if refusal is not None:
                     raise refusal
             dep = ctx.attempt.deployment
+            if dep is None and _nesting(req.body) >= ENCODE_DEPTH - _PROVIDER_NESTING:
+                # Envoy's JSON reader gives up before orjson's (measured: 800 levels read,
+                # 1000 not), so such a body reaches no group.
+                raise _too_deep(_nesting(req.body))
             if dep is None or dep.model_name not in state.answering[req.model]:
                 # Envoy's routes and this worker's config disagree: a reload is under way.
                 raise GatewayError(
@@ -417,6 +461,15 @@ class Gateway:
             held = self._admit(dep)
         except GatewayError as err:
             return _error(err)
+        except orjson.JSONEncodeError:
+            # orjson parses 1024 levels of nesting but encodes only 254 (measured): a body
+            # in between parses and then cannot be re-encoded for the provider, whose format
+            # may nest the client's values a few levels deeper. Checked on the failure only,
+            # so a well-formed request pays nothing for it.
+            depth = _nesting(orjson.loads(body))
+            if depth < ENCODE_DEPTH - _PROVIDER_NESTING:
+                raise
+            return _error(_too_deep(depth))
         assert dep.upstream is not None
         remove: tuple[str, ...] = ()
         if ctx.attempt.number > 1:
@@ -544,9 +597,11 @@ class Gateway:
             model, provider = dep.model_name, dep.provider
             if ttft_s is not None:
                 metrics.TIME_TO_FIRST_TOKEN.labels(provider, model).observe(ttft_s)
+                per_token: float | None = None
                 if counted.completion_tokens > 1 and duration_s > ttft_s:
                     per_token = (duration_s - ttft_s) / (counted.completion_tokens - 1)
                     metrics.TIME_PER_OUTPUT_TOKEN.labels(provider, model).observe(per_token)
+                self._streamed(exchange, ttft_s, per_token)
             estimated = "true" if counted.estimated else "false"
             metrics.STREAMED_TOKENS.labels(model, "input", estimated).inc(counted.prompt_tokens)
             metrics.STREAMED_TOKENS.labels(model, "output", estimated).inc(
@@ -560,6 +615,12 @@ class Gateway:
             err = exchange.adapter.error(status, body, dep)
             # Labelled by status class, not the provider's free-form type: bounded values.
             metrics.UPSTREAM_ERRORS.labels(error_type(err.status)).inc()
+            if self.state.config.message_logging:
+                # Providers echo prompts in their messages: logged only when
+                # litellm_settings.turn_off_message_logging is false, and redacted then.
+                log.warning(
+                    "deployment %s (%s) answered %d: %s", dep.id, dep.provider, status, err.message
+                )
             retry = self._worth_retrying(exchange, status, err)
             action = self._account(exchange, err.status, None, err, final=not retry)
             action.retry = retry
@@ -602,6 +663,7 @@ class Gateway:
         if final:  # a failed attempt Envoy retries is counted as an upstream error only
             metrics.REQUESTS.labels(model, dep.provider, str(status)).inc()
             metrics.LATENCY.labels(dep.provider, model).observe(time.monotonic() - ex.started)
+            self._conventions(ex, status, usage if err is None else None)
         headers = attempt_headers(ex)
         log: dict[str, Any] = {"model": model, "deployment": dep.id, "provider": dep.provider}
         if err is not None:
@@ -619,6 +681,29 @@ class Gateway:
                 headers["x-llmux-response-cost"] = headers["x-litellm-response-cost"] = repr(cost)
                 log["cost"] = cost
         return ResponseAction(status, body, headers, log)
+
+    def _conventions(self, ex: Exchange, status: int, usage: Usage | None) -> None:
+        """The answer in the GenAI conventions' names and, when asked for, LiteLLM's."""
+        litellm = self.state.config.litellm_metrics
+        cost = None
+        if litellm and usage is not None and ex.price is not None:
+            cost = pricing.cost(ex.price, usage)
+        seconds = time.monotonic() - ex.started
+        caller = caller_labels(ex.ctx.caller)
+        metrics.answered(ex.dep, ex.req.operation, caller, status, seconds, usage, cost, litellm)
+
+    def _streamed(self, ex: Exchange, ttft_s: float, per_token_s: float | None) -> None:
+        litellm = self.state.config.litellm_metrics
+        caller = caller_labels(ex.ctx.caller)
+        metrics.streamed(ex.dep, ex.req.operation, caller, ttft_s, per_token_s, litellm)
+
+
+def caller_labels(caller: Caller) -> tuple[str, str, str]:
+    """(team, team_alias, api_key_alias) for metrics: ids and aliases from the key
+    database, never the key."""
+    principal = caller.principal
+    team_alias = (principal.team_alias if principal is not None else None) or ""
+    return caller.team, team_alias, caller.key_alias or ""
 
 
 class StreamSession:
@@ -659,9 +744,11 @@ class StreamSession:
             metrics.TIME_TO_FIRST_TOKEN.labels(provider, model).observe(
                 self.first_output - ex.started
             )
+            per_token: float | None = None
             if usage.completion_tokens > 1:
                 per_token = (now - self.first_output) / (usage.completion_tokens - 1)
                 metrics.TIME_PER_OUTPUT_TOKEN.labels(provider, model).observe(per_token)
+            self.gateway._streamed(ex, self.first_output - ex.started, per_token)
         estimated = "true" if usage.estimated else "false"
         metrics.STREAMED_TOKENS.labels(model, "input", estimated).inc(usage.prompt_tokens)
         metrics.STREAMED_TOKENS.labels(model, "output", estimated).inc(usage.completion_tokens)
@@ -784,6 +871,33 @@ def attempt_headers(ex: Exchange) -> dict[str, str]:
     }
 
 
+# The nesting orjson refuses to encode (arrays or objects inside one another), and the
+# levels a provider's format may add around the client's values.
+ENCODE_DEPTH = 255
+_PROVIDER_NESTING = 8
+
+
+def _too_deep(depth: int) -> GatewayError:
+    return bad_request(
+        f"Request body is nested {depth} levels deep; LLMux forwards at most "
+        f"{ENCODE_DEPTH - _PROVIDER_NESTING - 1}."
+    )
+
+
+def _nesting(value: Any) -> int:
+    """How deeply arrays and objects are nested in a parsed JSON value (no recursion:
+    the value may be nested deeper than Python's stack allows)."""
+    deepest = 0
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def _error(err: GatewayError) -> Immediate:
     return Immediate(err.status, err.body(), log={"error": err.type})
 
@@ -818,7 +932,8 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise bad_request(f"messages[{i}] must be an object.", f"messages[{i}]")
         role = message.get("role")
-        if role not in VALID_ROLES:
+        # A role that is no string is refused as any other (a list raised TypeError: a 500).
+        if not isinstance(role, str) or role not in VALID_ROLES:
             raise bad_request(
                 f"messages[{i}].role must be one of {sorted(VALID_ROLES)}, got {role!r}.",
                 f"messages[{i}].role",

@@ -221,6 +221,14 @@ def _ignored(fields: Fields, path: str, answer: Answer) -> Answer:
 # -- the dispatcher ---------------------------------------------------------------------
 
 
+class MethodNotAllowed(GatewayError):
+    """A 405 that names, for the `Allow` header, the methods the path takes."""
+
+    def __init__(self, allowed: list[str], message: str) -> None:
+        super().__init__(405, message)
+        self.allow = ", ".join(allowed)
+
+
 async def handle(store: KeyStore, method: str, path: str, body: bytes) -> Answer:
     """Answer one management request (the caller checked the master key)."""
     route, _, query = path.partition("?")
@@ -238,7 +246,9 @@ async def handle(store: KeyStore, method: str, path: str, body: bytes) -> Answer
     handler = handlers.get((method, route))
     if handler is None:
         allowed = [m for m, p in handlers if p == route]
-        raise GatewayError(405, f"{route} takes {' or '.join(allowed)}, not {method}.")
+        if not allowed:
+            raise GatewayError(404, f"Unknown management path {route}.")
+        raise MethodNotAllowed(allowed, f"{route} takes {' or '.join(allowed)}, not {method}.")
     arg: Any
     if method == "GET":
         arg = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
