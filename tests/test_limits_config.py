@@ -92,13 +92,15 @@ def test_local_replies_for_limits() -> None:
         assert "status_code_filter" in status  # compared before any CEL is evaluated
         return str(cel["extension_filter"]["typed_config"]["expression"])
 
-    first = mappers[0]
+    # After the drain reply (its flag FI is unique), ahead of every other.
+    assert mappers[0]["filter"] == {"response_flag_filter": {"flags": ["FI"]}}
+    first = mappers[1]
     expression = expression_of(first)
     assert "request_overall_timeout" in expression and "request_header_timeout" in expression
     error = first["body_format_override"]["json_format"]["error"]
     assert error["type"] == "timeout_error" and error["code"] == "408"
     assert "llmux.client_body_timeout (5s)" in first["body"]["inline_string"]
-    shed = mappers[1]
+    shed = mappers[2]
     expression = expression_of(shed)
     assert "ext_proc_error" in expression and "overflow" in expression
     assert "llmux.max_streams_per_worker" in shed["body"]["inline_string"]

@@ -1010,8 +1010,8 @@ def bootstrap(
         # Clients can quote it to operators; the access log carries the same id.
         "always_set_request_id_in_response": True,
         "access_log": _access_log(config),
-        "local_reply_config": _with_limit_replies(
-            config, _with_drain_reply(_with_protocol_error_replies(_local_reply_config()))
+        "local_reply_config": _with_drain_reply(
+            _with_limit_replies(config, _with_protocol_error_replies(_local_reply_config()))
         ),
         "http_filters": [
             _internal_headers_filter(),
