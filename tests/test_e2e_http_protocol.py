@@ -372,7 +372,7 @@ def test_wrong_method_is_405_with_allow(
 
 
 def test_right_methods_still_served(gateway: Gateway) -> None:
-    assert httpx.get(f"{gateway.base_url}/metrics", timeout=20).status_code == 200
+    assert httpx.get(f"{gateway.base_url}/metrics", headers=AUTH, timeout=20).status_code == 200
     resp = httpx.post(f"{gateway.openai_base}/chat/completions", headers=AUTH, content=chat())
     assert resp.status_code == 200, resp.text
 

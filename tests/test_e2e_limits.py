@@ -1,15 +1,15 @@
-"""Slow and idle clients, the connection cap and load shedding, against real Envoy and
-workers (`llmux run`): each limit's status and JSON error body (or, where Envoy cannot
-answer, what the client sees), and that the gateway serves the next request."""
+"""Rate limits and budgets end to end: two `llmux run` instances (real Envoy, two workers
+each) on one PostgreSQL database and one Redis prefix, keys made through LiteLLM's
+management API, requests from httpx and the `openai` SDK; and one instance without Redis,
+whose two workers share the replica's own buckets."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
+import math
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import openai
@@ -17,398 +17,476 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tests import redis_server
 from tests.harness import (
     Gateway,
     MockUpstream,
-    admin_text,
     json_response,
     openai_chat_completion,
     running_gateway,
 )
-from tests.mock_anthropic import API_KEY, answer, anthropic_error, request_errors, sse
+from tests.pg import fresh_database
 
 pytestmark = pytest.mark.e2e
-
-MOCK = {"model_name": "mock", "litellm_params": {"model": "mock/echo", "mock_response": "hi"}}
-CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hello"}]}
-
-
-def serves_next(gw: Gateway) -> None:
-    """The gateway answers a normal request on a new connection after the limit was hit."""
-    client = openai.OpenAI(base_url=gw.openai_base, api_key="anything", max_retries=0)
-    reply = client.chat.completions.create(
-        model="mock", messages=[{"role": "user", "content": "again"}]
-    )
-    assert reply.choices[0].message.content == "hi"
+MASTER = "sk-master-limits"
+PRICE = 0.0001  # USD per token, in and out: a budget of $0.01 is ~100 tokens
+MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-def connect(gw: Gateway) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-    sock.settimeout(10)
-    return sock
-
-
-class Reader(Protocol):
-    def recv(self, n: int, /) -> bytes: ...
-
-
-def read_response(sock: Reader) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response with a content-length, read off a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before a response: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed inside the body"
-        body += chunk
-    return status, headers, body
-
-
-def closed_without_a_byte(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-
-
-def openai_error(body: bytes) -> dict[str, Any]:
-    error = orjson.loads(body)["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    return dict(error)
-
-
-# -- a client trickling its request ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def slow_upstream() -> Iterator[MockUpstream]:
-    """An OpenAI upstream that answers after 2.5 s: longer than the client body timeout of
-    the gateway below, which must not cut an answer once the request was received."""
-
-    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
-        assert request.path == "/v1/chat/completions"
-        assert request.headers.get("authorization") == "Bearer sk-slow"
-        assert orjson.loads(body)["model"] == "gpt-4o"
-        await asyncio.sleep(2.5)
-        return json_response(openai_chat_completion("gpt-4o", "slow but whole"))
-
-    upstream = MockUpstream(handler).start()
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture(scope="module")
-def timeouts_gateway(
-    slow_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
-    config = {
+def config(db: str, redis_url: str | None) -> dict[str, Any]:
+    router: dict[str, Any] = {"num_retries": 0}
+    if redis_url:
+        router["redis_url"] = redis_url
+    return {
         "model_list": [
-            MOCK,
             {
-                "model_name": "slow",
+                "model_name": "gpt-a",
                 "litellm_params": {
-                    "model": "openai/gpt-4o",
-                    "api_base": slow_upstream.base_url + "/v1",
-                    "api_key": "sk-slow",
+                    "model": "mock/gpt-4o-mini",
+                    "mock_response": "ok",
+                    "input_cost_per_token": PRICE,
+                    "output_cost_per_token": PRICE,
                 },
-            },
+            }
         ],
-        "llmux": {"client_body_timeout": 1.5, "connection_idle_timeout": 1.5},
+        "router_settings": router,
+        "general_settings": {"master_key": MASTER, "database_url": db},
+        "llmux": {"workers": 2, "access_log": "off"},
     }
-    with running_gateway(config, tmp_path_factory.mktemp("timeouts")) as gw:
+
+
+@pytest.fixture(scope="module")
+def db() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pair(db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Gateway]]:
+    redis_server.client().close()  # fails, saying how to start Redis, when it is not there
+    prefix = redis_server.new_prefix()
+    env = {"LLMUX_REDIS_PREFIX": prefix}
+    cfg = config(db, redis_server.URL)
+    try:
+        with (
+            running_gateway(cfg, tmp_path_factory.mktemp("a"), env) as a,
+            running_gateway(cfg, tmp_path_factory.mktemp("b"), env) as b,
+        ):
+            yield a, b
+    finally:
+        redis_server.drop_prefix(prefix)
+
+
+@pytest.fixture(scope="module")
+def alone(db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with running_gateway(config(db, None), tmp_path_factory.mktemp("alone")) as gw:
         yield gw
 
 
-def test_trickling_client_gets_json_408(timeouts_gateway: Gateway) -> None:
-    gw = timeouts_gateway
-    body = orjson.dumps(CHAT)
-    sock = connect(gw)
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: llmux\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+def new_key(gw: Gateway, **fields: Any) -> str:
+    reply = httpx.post(
+        gw.base_url + "/key/generate",
+        headers={"Authorization": f"Bearer {MASTER}"},
+        json=fields,
+        timeout=15,
     )
-    sock.sendall(head.encode())
-    started = time.monotonic()
-    # One byte every 0.2 s: the connection is never idle, yet the request never completes
-    # (it would take len(body) * 0.2 s, over 10 s).
-    sock.setblocking(False)
-    sent = 0
-    answer_bytes = b""
-    while sent < len(body) - 1 and time.monotonic() - started < 30:
-        try:
-            answer_bytes += sock.recv(65536)
-            break
-        except BlockingIOError:
-            pass
-        except ConnectionResetError:
-            break
-        try:
-            sock.sendall(body[sent : sent + 1])
-            sent += 1
-        except (BrokenPipeError, ConnectionResetError):
-            break
-        time.sleep(0.2)
-    elapsed = time.monotonic() - started
-    sock.setblocking(True)
-    sock.settimeout(10)
-    status, headers, reply = read_response(_Prefixed(sock, answer_bytes))
-    assert status == 408, reply
-    assert headers["content-type"] == "application/json"
-    error = openai_error(reply)
-    assert error["type"] == "timeout_error"
-    assert error["code"] == "408"
-    assert "llmux.client_body_timeout" in error["message"]
-    # Cut by the whole-request timer (1.5 s), not by the idle one (the client kept sending)
-    # nor after the whole body; bounds generous for a loaded machine.
-    assert sent < len(body) - 1
-    assert 1.0 < elapsed < 10, elapsed
-    assert headers.get("connection") == "close"
-    assert closed_without_a_byte(sock)
-    sock.close()
-    serves_next(gw)
+    assert reply.status_code == 200, reply.text
+    assert "x-llmux-not-enforced-fields" not in reply.headers
+    return str(reply.json()["key"])
 
 
-def test_trickling_headers_get_json_408(timeouts_gateway: Gateway) -> None:
-    # The whole-request timer starts at the request's first byte: headers sent a byte at a
-    # time (slowloris) are cut by it too.
-    gw = timeouts_gateway
-    sock = connect(gw)
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: llmux\r\nX-Slow: " + b"a" * 200
-    started = time.monotonic()
-    sent = 0
-    sock.setblocking(False)
-    got = b""
-    while sent < len(head) and time.monotonic() - started < 30:
-        try:
-            got = sock.recv(65536)
-            break
-        except BlockingIOError:
-            pass
-        try:
-            sock.sendall(head[sent : sent + 1])
-            sent += 1
-        except (BrokenPipeError, ConnectionResetError):
-            break
-        time.sleep(0.1)
-    elapsed = time.monotonic() - started
-    sock.setblocking(True)
-    sock.settimeout(10)
-    status, _, reply = read_response(_Prefixed(sock, got))
-    assert status == 408, reply
-    assert openai_error(reply)["code"] == "408"
-    assert sent < len(head)
-    assert 1.0 < elapsed < 10, elapsed
-    sock.close()
-    serves_next(gw)
-
-
-def test_answer_slower_than_client_body_timeout_is_not_cut(timeouts_gateway: Gateway) -> None:
-    # The whole-request timer stops once the request has been received.
-    client = openai.OpenAI(base_url=timeouts_gateway.openai_base, api_key="x", max_retries=0)
-    reply = client.chat.completions.create(
-        model="slow", messages=[{"role": "user", "content": "take your time"}]
-    )
-    assert reply.choices[0].message.content == "slow but whole"
-
-
-def test_silent_connection_is_closed_after_idle_timeout(timeouts_gateway: Gateway) -> None:
-    gw = timeouts_gateway
-    sock = connect(gw)
-    started = time.monotonic()
-    assert closed_without_a_byte(sock)  # HTTP/1.1: Envoy closes without a byte
-    elapsed = time.monotonic() - started
-    assert 1.0 < elapsed < 9, elapsed
-    sock.close()
-    serves_next(gw)
-
-
-def test_keep_alive_connection_is_closed_after_idle_timeout(timeouts_gateway: Gateway) -> None:
-    gw = timeouts_gateway
-    sock = connect(gw)
-    body = orjson.dumps(CHAT)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: llmux\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    status, _, _ = read_response(sock)
-    assert status == 200
-    started = time.monotonic()
-    assert closed_without_a_byte(sock)
-    assert 1.0 < time.monotonic() - started < 9
-    sock.close()
-
-
-class _Prefixed:
-    """A socket whose first bytes were already read."""
-
-    def __init__(self, sock: socket.socket, prefix: bytes) -> None:
-        self.sock, self.prefix = sock, prefix
-
-    def recv(self, n: int) -> bytes:
-        if self.prefix:
-            out, self.prefix = self.prefix, b""
-            return out
-        return self.sock.recv(n)
-
-
-# -- the connection cap ------------------------------------------------------------------
-
-
-def listener_stat(gw: Gateway, stat: str) -> int:
-    """A stat of the client listener as a whole (not its per-thread copies)."""
-    return envoy_stat(gw, f"listener.127.0.0.1_{gw.port}.{stat}")
-
-
-def test_connection_cap_closes_connections_past_it(tmp_path: Path) -> None:
-    with running_gateway({"model_list": [MOCK], "llmux": {"max_connections": 4}}, tmp_path) as gw:
-        # The harness's readiness probes used connections too: wait until Envoy has closed
-        # them, or one of the four below could be the one past the cap.
-        deadline = time.monotonic() + 10
-        while listener_stat(gw, "downstream_cx_active") > 0:
-            assert time.monotonic() < deadline, "earlier connections still open"
-            time.sleep(0.05)
-        held = [connect(gw) for _ in range(4)]
-        # The four are counted once Envoy has accepted them.
-        deadline = time.monotonic() + 10
-        while listener_stat(gw, "downstream_cx_active") < 4:
-            assert time.monotonic() < deadline, "Envoy did not accept the four connections"
-            time.sleep(0.05)
-        before = listener_stat(gw, "downstream_global_cx_overflow")
-        extra = connect(gw)
-        assert closed_without_a_byte(extra)  # Envoy cannot answer there: it closes
-        extra.close()
-        assert listener_stat(gw, "downstream_global_cx_overflow") == before + 1
-        # A connection under the cap is served, and the mock's request reaches the sink
-        # listener inside Envoy: Envoy's own connection to it is not refused by the cap.
-        body = orjson.dumps(CHAT)
-        sock = held[0]
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: llmux\r\n"
-            b"Content-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        status, _, reply = read_response(sock)
-        assert status == 200, reply
-        for sock in held:
-            sock.close()
-        deadline = time.monotonic() + 10
-        while listener_stat(gw, "downstream_cx_active") > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        serves_next(gw)
-        assert "file-descriptor limit" in gw.log()
-
-
-# -- overload: more requests than the workers take ---------------------------------------
-
-
-def envoy_stat(gw: Gateway, name: str) -> int:
-    for line in admin_text(gw, f"/stats?filter=^{name}$").splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    raise AssertionError(f"{name} not in Envoy's stats")
-
-
-class SlowAnthropic:
-    """Anthropic's Messages API, streamed: the first events at once, the rest after
-    `hold` seconds, so each translated stream keeps its ext_proc stream open that long.
-    Checks what it receives as tests.mock_anthropic does."""
-
-    def __init__(self, hold: float) -> None:
-        self.hold = hold
-        self.served = 0
-
-    async def __call__(self, request: web.Request, body: bytes) -> web.StreamResponse:
-        if request.path != "/v1/messages" or request.headers.get("x-api-key") != API_KEY:
-            return anthropic_error(401, "authentication_error", "bad path or x-api-key")
-        data = orjson.loads(body)
-        errors = request_errors(data)
-        if errors or not data.get("stream"):
-            return anthropic_error(400, "invalid_request_error", "; ".join(errors) or "stream")
-        events = sse(answer(data))
-        first, rest = events.split(b"\n\n", 1)
-        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(first + b"\n\n")
-        await asyncio.sleep(self.hold)
-        await response.write(rest)
-        await response.write_eof()
-        self.served += 1
-        return response
-
-
-def test_overload_is_shed_with_json_503_and_recovers(tmp_path: Path) -> None:
-    handler = SlowAnthropic(hold=6.0)
-    upstream = MockUpstream(handler).start()
-    config = {
-        "model_list": [
-            MOCK,
-            {
-                "model_name": "claude",
-                "litellm_params": {
-                    "model": "anthropic/claude-3-5-sonnet-20241022",
-                    "api_base": upstream.base_url,
-                    "api_key": API_KEY,
-                },
-            },
-        ],
-        "llmux": {"workers": 1, "max_streams_per_worker": 10},
-    }
-    # 10 streams per worker plus Envoy's spare (envoy_config.EXTPROC_SPARE_STREAMS, 64):
-    # 74 concurrent 6 s streams fit, 120 do not.
-    offered = 120
-    try:
-        with running_gateway(config, tmp_path) as gw:
-
-            async def one(client: httpx.AsyncClient) -> tuple[int, dict[str, str], bytes]:
-                r = await client.post(
-                    "/v1/chat/completions",
-                    json={**CHAT, "model": "claude", "stream": True},
+async def burst(
+    gateways: list[Gateway], key: str, n: int, body: dict[str, Any] | None = None
+) -> tuple[list[httpx.Response], float]:
+    """`n` concurrent requests spread over `gateways`; the replies and the seconds taken."""
+    payload = body or {"model": "gpt-a", "messages": MESSAGES}
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        started = time.monotonic()
+        replies = await asyncio.gather(
+            *(
+                http.post(
+                    gateways[i % len(gateways)].openai_base + "/chat/completions",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json=payload,
                 )
-                return r.status_code, dict(r.headers), r.content
-
-            async def burst() -> list[tuple[int, dict[str, str], bytes]]:
-                limits = httpx.Limits(max_connections=offered)
-                async with httpx.AsyncClient(
-                    base_url=gw.base_url, timeout=60, limits=limits
-                ) as client:
-                    return await asyncio.gather(*(one(client) for _ in range(offered)))
-
-            overflow = "cluster.llmux_extproc.upstream_rq_active_overflow"
-            before = envoy_stat(gw, overflow)
-            results = asyncio.run(burst())
-            statuses = sorted({status for status, _, _ in results})
-            assert set(statuses) <= {200, 503}, statuses
-            shed = [(h, b) for status, h, b in results if status == 503]
-            served = [b for status, _, b in results if status == 200]
-            assert shed, "no request was shed"
-            assert len(served) >= 10, len(served)
-            for headers, body in shed:
-                assert headers["retry-after"] == "1"
-                assert headers["content-type"] == "application/json"
-                error = openai_error(body)
-                assert error["type"] == "service_unavailable_error"
-                assert "llmux.max_streams_per_worker" in error["message"]
-            for body in served:
-                assert body.rstrip().endswith(b"data: [DONE]"), body[-200:]
-            # Envoy refused them (the ext_proc cluster's circuit breaker): no worker saw them.
-            assert envoy_stat(gw, overflow) - before == len(shed)
-            # Recovery: once the burst is over, translated streams are served again.
-            client = openai.OpenAI(base_url=gw.openai_base, api_key="x", max_retries=0)
-            handler.hold = 0.0
-            stream = client.chat.completions.create(
-                model="claude", messages=[{"role": "user", "content": "after"}], stream=True
+                for i in range(n)
             )
-            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-            serves_next(gw)
+        )
+        return list(replies), time.monotonic() - started
+
+
+def refused_shape(reply: httpx.Response, status: int, kind: str, param: str) -> None:
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"]) == (kind, param), error
+
+
+def test_rpm_is_shared_by_two_instances(pair: tuple[Gateway, Gateway]) -> None:
+    key = new_key(pair[0], rpm_limit=100)
+    replies, elapsed = asyncio.run(burst(list(pair), key, 1000))
+    ok = [r for r in replies if r.status_code == 200]
+    refused = [r for r in replies if r.status_code != 200]
+    # A token bucket refills 100/60 per second while the burst runs: exactly 100 plus
+    # what was refilled meanwhile, never 100 per instance.
+    refilled = math.ceil(elapsed * 100 / 60)
+    assert 100 <= len(ok) <= 100 + refilled, (len(ok), elapsed)
+    for reply in refused:
+        refused_shape(reply, 429, "rate_limit_error", "rpm_limit")
+        assert int(reply.headers["retry-after"]) >= 1
+        assert reply.headers["x-ratelimit-limit-requests"] == "100"
+        assert reply.headers["x-ratelimit-remaining-requests"] == "0"
+    assert {r.headers["x-ratelimit-limit-requests"] for r in ok} == {"100"}
+    assert any(r.headers["x-ratelimit-remaining-requests"] == "0" for r in ok)
+
+
+def test_tpm_is_charged_by_real_usage_across_instances(pair: tuple[Gateway, Gateway]) -> None:
+    key = new_key(pair[0], tpm_limit=10_000, rpm_limit=60)
+    clients = [
+        openai.OpenAI(base_url=gw.openai_base, api_key=key, max_retries=0, timeout=15)
+        for gw in pair
+    ]
+    started = time.monotonic()
+    first = clients[0].chat.completions.with_raw_response.create(
+        model="gpt-a",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=50,
+    )
+    used = first.parse().usage
+    assert used is not None
+    remaining_first = int(first.headers["x-ratelimit-remaining-tokens"])
+    estimate = 10_000 - remaining_first  # what admission reserved: more than was used
+    assert estimate > used.total_tokens
+    assert first.headers["x-ratelimit-limit-tokens"] == "10000"
+    assert first.headers["x-ratelimit-remaining-requests"] == "59"
+    time.sleep(0.5)  # the settlement is sent after the answer
+    second = clients[1].chat.completions.with_raw_response.create(
+        model="gpt-a",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=50,
+    )
+    refill = math.ceil((time.monotonic() - started) * 10_000 / 60)
+    remaining = int(second.headers["x-ratelimit-remaining-tokens"])
+    # Instance B sees A's request charged at its real usage, not at the estimate.
+    expected = 10_000 - used.total_tokens - estimate
+    assert expected <= remaining <= expected + refill, (remaining, expected, refill)
+
+
+def test_budget_holds_across_instances(pair: tuple[Gateway, Gateway]) -> None:
+    key = new_key(pair[0], max_budget=0.01)
+    body = {"model": "gpt-a", "messages": MESSAGES, "max_tokens": 5}
+    replies, _ = asyncio.run(burst(list(pair), key, 200, body))
+    ok = [r for r in replies if r.status_code == 200]
+    assert ok, "the first request is within budget"
+    for reply in replies:
+        if reply.status_code != 200:
+            refused_shape(reply, 400, "budget_exceeded", "max_budget")
+    costs = [float(r.headers["x-litellm-response-cost"]) for r in ok]
+    # A request is admitted while spend + reservations in flight < max_budget, and each
+    # reservation (prompt bytes / 4 + max_tokens, at the price) covers its request's real
+    # cost: 200 concurrent requests overspend by less than the last admitted one's cost.
+    assert sum(costs) < 0.01 + max(costs), (sum(costs), len(ok))
+    assert len(ok) < 200
+
+
+def test_without_redis_the_workers_share_one_bucket(alone: Gateway) -> None:
+    key = new_key(alone, rpm_limit=5, max_parallel_requests=50)
+    replies, elapsed = asyncio.run(burst([alone], key, 40))
+    ok = sum(r.status_code == 200 for r in replies)
+    assert 5 <= ok <= 5 + math.ceil(elapsed * 5 / 60), (ok, elapsed)
+    for reply in replies:
+        if reply.status_code != 200:
+            refused_shape(reply, 429, "rate_limit_error", "rpm_limit")
+
+
+# -- answers Envoy passes on by itself, streams cut short, Envoy's own failures ----------
+
+UPSTREAM_USAGE = 11 + 7  # what the mock provider reports per answer
+
+
+async def anthropic_stalling_stream(request: web.Request) -> web.StreamResponse:
+    """Anthropic's stream format: the prompt's usage, one text delta, then nothing."""
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    message: dict[str, Any] = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-3-5-sonnet-20241022",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 11, "output_tokens": 1},
+    }
+    for name, data in (
+        ("message_start", {"type": "message_start", "message": message}),
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "hello there"},
+            },
+        ),
+    ):
+        await response.write(f"event: {name}\ndata: ".encode() + orjson.dumps(data) + b"\n\n")
+    await asyncio.sleep(30)  # the client leaves meanwhile
+    return response
+
+
+async def openai_upstream(request: web.Request, body: bytes) -> web.StreamResponse:
+    if request.path.endswith("/v1/messages"):
+        return await anthropic_stalling_stream(request)
+    if request.path.startswith("/fail/"):  # a deployment that always fails, retriably
+        return json_response({"error": {"message": "overloaded", "type": "server_error"}}, 500)
+    payload = orjson.loads(body)
+    if payload["messages"][0]["content"] == "slow":  # past the deployment's timeout
+        await asyncio.sleep(5)
+    if not payload.get("stream"):
+        return json_response(openai_chat_completion(payload["model"], "hello"))
+    cut = payload["messages"][0]["content"] == "cut"
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    for word in ("hel", "lo"):
+        chunk = {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": payload["model"],
+            "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}],
+        }
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    if cut:  # the client leaves while the provider is still generating
+        await asyncio.sleep(30)
+        return response  # Envoy reset this stream long ago
+    usage = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": payload["model"],
+        "choices": [],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    }
+    await response.write(b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+@pytest.fixture(scope="module")
+def upstreamed(db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    upstream = MockUpstream(openai_upstream).start()
+    cfg = config(db, None)
+    cfg["router_settings"]["num_retries"] = 1
+    cfg["model_list"] += [
+        {
+            "model_name": "gpt-flaky",
+            "litellm_params": {
+                "model": "openai/gpt-4o-mini",
+                "api_base": upstream.base_url + "/fail/v1",
+                "api_key": "sk-upstream",
+            },
+        },
+        {
+            "model_name": "gpt-flaky",
+            "litellm_params": {
+                "model": "openai/gpt-4o-mini",
+                "api_base": upstream.base_url + "/v1",
+                "api_key": "sk-upstream",
+            },
+        },
+        {
+            "model_name": "gpt-up",
+            "litellm_params": {
+                "model": "openai/gpt-4o-mini",
+                "api_base": upstream.base_url + "/v1",
+                "api_key": "sk-upstream",
+            },
+        },
+        {
+            "model_name": "claude",
+            "litellm_params": {
+                "model": "anthropic/claude-3-5-sonnet-20241022",
+                "api_base": upstream.base_url,
+                "api_key": "sk-ant-test",
+            },
+        },
+        {
+            "model_name": "gpt-slow",
+            "litellm_params": {
+                "model": "openai/gpt-4o-mini",
+                "api_base": upstream.base_url + "/v1",
+                "api_key": "sk-upstream",
+                "timeout": 1,
+            },
+        },
+    ]
+    try:
+        with running_gateway(cfg, tmp_path_factory.mktemp("upstreamed")) as gw:
+            yield gw
     finally:
         upstream.stop()
+
+
+def remaining_tokens(gw: Gateway, key: str, stream: bool = False, content: str = "hi") -> int:
+    body = {"model": "gpt-up", "messages": [{"role": "user", "content": content}], "stream": stream}
+    with httpx.stream(
+        "POST",
+        gw.openai_base + "/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json=body,
+        timeout=15,
+    ) as reply:
+        assert reply.status_code == 200, reply.read()
+        reply.read()
+        return int(reply.headers["x-ratelimit-remaining-tokens"])
+
+
+def test_passed_through_answers_settle_from_the_access_log(upstreamed: Gateway) -> None:
+    # A small limit, so that the refill (10 tokens/s) cannot hide a missing settlement.
+    limit = 600
+    key = new_key(upstreamed, tpm_limit=limit)
+    started = time.monotonic()
+    first = remaining_tokens(upstreamed, key)
+    estimate = limit - first  # the same body each time: the same estimate (> 256)
+    time.sleep(1.0)  # the access log reaches the workers every 0.2 s
+    after_whole = remaining_tokens(upstreamed, key)
+    time.sleep(1.0)
+    after_stream = remaining_tokens(upstreamed, key, stream=True)
+    refill = math.ceil((time.monotonic() - started) * limit / 60)
+    assert estimate - UPSTREAM_USAGE > refill  # unsettled, remaining would be far lower
+    # Each answer was charged its real 18 tokens, not the estimate.
+    expected = limit - UPSTREAM_USAGE - estimate
+    assert expected <= after_whole <= expected + refill, (after_whole, expected, refill)
+    stream_estimate = estimate  # `"stream": true` instead of `false`: the same estimate
+    expected = limit - 2 * UPSTREAM_USAGE - stream_estimate
+    assert expected - 2 <= after_stream <= expected + refill, (after_stream, expected, refill)
+    time.sleep(1.0)
+    # And the stream itself (whose usage chunk sse_to_metadata read) as well.
+    final = remaining_tokens(upstreamed, key)
+    expected = limit - 3 * UPSTREAM_USAGE - estimate
+    assert expected <= final <= expected + refill + 30, (final, expected)
+
+
+def test_a_stream_cut_short_is_charged_what_it_produced(upstreamed: Gateway) -> None:
+    limit = 600
+    key = new_key(upstreamed, tpm_limit=limit)
+    body = {"model": "gpt-up", "messages": [{"role": "user", "content": "cut"}], "stream": True}
+    with httpx.stream(
+        "POST",
+        upstreamed.openai_base + "/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json=body,
+        timeout=15,
+    ) as reply:
+        estimate = limit - int(reply.headers["x-ratelimit-remaining-tokens"])
+        next(reply.iter_bytes())  # the first chunk, then the client leaves
+    # Settled, the cut stream costs what tiktoken counts of it (< 40 tokens); unsettled,
+    # its estimate (> 256) would stay taken for longer than this test waits.
+    deadline = time.monotonic() + 15
+    while True:
+        time.sleep(0.5)
+        remaining = remaining_tokens(upstreamed, key, content="cut")
+        if remaining >= limit - estimate - 40:
+            break
+        assert time.monotonic() < deadline, ("the cut stream was never settled", remaining)
+
+
+def test_envoy_failures_release_their_place(upstreamed: Gateway) -> None:
+    key = new_key(upstreamed, max_parallel_requests=1)
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "gpt-slow", "messages": [{"role": "user", "content": "slow"}]}
+    url = upstreamed.openai_base + "/chat/completions"
+    slow = httpx.post(url, headers=headers, json=body, timeout=30)
+    # Envoy's own timeout (UT), after the processor admitted the request and forwarded it.
+    assert slow.status_code == 504, slow.text
+    assert set(slow.json()["error"]) == {"message", "type", "param", "code"}
+    # Envoy's access log tells a worker, which gives the place back (a reservation
+    # nobody releases would hold it until it expires, 11 minutes here).
+    deadline = time.monotonic() + 20
+    body = {"model": "gpt-up", "messages": MESSAGES}
+    while True:
+        reply = httpx.post(url, headers=headers, json=body)
+        if reply.status_code == 200:
+            break
+        refused_shape(reply, 429, "rate_limit_error", "max_parallel_requests")
+        assert time.monotonic() < deadline, "the failed request kept its place"
+        time.sleep(0.3)
+
+
+def test_a_retried_request_is_admitted_once_and_settled_once(upstreamed: Gateway) -> None:
+    """The first attempt fails (500, retried on the other deployment): the retry is not
+    admitted again (one place of max_parallel_requests 1 suffices) and its answer settles
+    the first attempt's reservation (Envoy's x-request-id is the same on every attempt),
+    so the next request finds the place free. A passed-through answer is settled from its
+    access log entry, which Envoy flushes every 0.2 s: hence the pause between requests
+    (a retry settled under another id would hold the place for 11 minutes)."""
+    key = new_key(upstreamed, max_parallel_requests=1, rpm_limit=1000)
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "gpt-flaky", "messages": MESSAGES}
+    url = upstreamed.openai_base + "/chat/completions"
+    retried = 0
+    for _ in range(20):
+        reply = httpx.post(url, headers=headers, json=body, timeout=15)
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["x-ratelimit-limit-requests"] == "1000"  # retried answers too
+        retried += reply.headers["x-litellm-attempted-retries"] == "1"
+        if retried >= 3:
+            break
+        time.sleep(1.0)
+    assert retried >= 3
+
+
+def test_redis_down_falls_back_to_the_replica(
+    db: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.harness import free_port, metric
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens
+    with running_gateway(config(db, dead), tmp_path_factory.mktemp("dead-redis")) as gw:
+        key = new_key(gw, rpm_limit=3)
+        replies, elapsed = asyncio.run(burst([gw], key, 8))
+        # The replica's own bucket holds the limit (fail open to local counters, never a
+        # hang: each request waits at most one 0.5 s timeout).
+        assert sum(r.status_code == 200 for r in replies) == 3 + math.floor(elapsed * 3 / 60)
+        for reply in replies:
+            if reply.status_code != 200:
+                refused_shape(reply, 429, "rate_limit_error", "rpm_limit")
+        gw.wait_for_log("Redis unreachable")
+        assert metric(gw.metrics(), "llmux_redis_errors_total") >= 1
+
+
+def test_a_translated_stream_cut_short_is_charged_what_it_produced(upstreamed: Gateway) -> None:
+    """Anthropic's stream goes through the processor chunk by chunk; the client leaves
+    after the first: the processor's end of stream settles with the prompt's 11 tokens
+    and the counted text, not the estimate."""
+    limit = 600
+    key = new_key(upstreamed, tpm_limit=limit)
+    body = {"model": "claude", "messages": MESSAGES, "stream": True, "max_tokens": 300}
+    with httpx.stream(
+        "POST",
+        upstreamed.openai_base + "/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json=body,
+        timeout=15,
+    ) as reply:
+        assert reply.status_code == 200, reply.read()
+        estimate = limit - int(reply.headers["x-ratelimit-remaining-tokens"])
+        assert estimate > 300
+        next(reply.iter_bytes())  # the first chunk, then the client leaves
+    deadline = time.monotonic() + 15
+    while True:
+        time.sleep(0.5)
+        remaining = remaining_tokens(upstreamed, key)
+        # remaining_tokens asks ~280 tokens of its own; settled, the cut stream kept < 40.
+        if remaining >= limit - 40 - 300:
+            break
+        assert time.monotonic() < deadline, ("the cut stream was never settled", remaining)

@@ -166,11 +166,12 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     assert "envoy.filters.http.ext_proc" not in names
     # Client-sent x-llmux-* headers go first, before anything reads headers or routes.
     assert names[0] == "envoy.filters.http.header_mutation"
-    assert names[-7:] == [
+    assert names[-8:] == [
         # Before everything that reads the body (issue 10: gzip bodies are decompressed).
         "envoy.filters.http.decompressor",
         "envoy.filters.http.header_to_metadata",
         "envoy.filters.http.json_to_metadata",
+        envoy_routing.ALIAS_FILTER,
         envoy_routing.PROMPT_FILTER,
         "envoy.filters.http.lua",
         "envoy.filters.http.sse_to_metadata",

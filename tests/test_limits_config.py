@@ -80,7 +80,15 @@ def test_envoy_gets_the_timeouts_and_the_caps(tmp_path: Path) -> None:
     assert listeners[1]["ignore_global_conn_limit"] is True
     (extproc,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == EXTPROC_CLUSTER]
     threshold = extproc["circuit_breakers"]["thresholds"][0]
-    assert threshold["max_requests"] == 3 * 20 + envoy_config.EXTPROC_SPARE_STREAMS
+    assert threshold["max_requests"] == 3 * 20
+    # Envoy's access-log streams to the workers have a cluster of their own, uncapped.
+    (logs,) = [
+        c
+        for c in doc["static_resources"]["clusters"]
+        if c["name"] == envoy_config.EXTPROC_LOG_CLUSTER
+    ]
+    assert logs["load_assignment"]["endpoints"] == extproc["load_assignment"]["endpoints"]
+    assert logs["circuit_breakers"]["thresholds"][0]["max_requests"] == 100000
     validate(doc, tmp_path)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import yaml
 
@@ -125,6 +125,8 @@ class Settings:
     # (anyone, LiteLLM's default) or "off" (only at `metrics`). Spend by team and model is
     # not for every caller to read.
     listener_metrics: str = "auth"
+    # Spend log rows a worker holds while PostgreSQL is unreachable; more are dropped.
+    spend_log_queue: int = 50_000
     # Slow and idle clients, and overload (README, Limits and overload). The whole request
     # (headers and body) must arrive within client_body_timeout (408); a connection without
     # a request in flight is closed after connection_idle_timeout; Envoy accepts at most
@@ -214,6 +216,9 @@ class Config:
     # general_settings.user_api_key_cache_ttl: how often each worker re-reads its cached
     # keys, the bound on a change whose notification was lost.
     key_cache_ttl_s: float = 10.0
+    # Rate limits and budgets shared by replicas (policy/redis_limits.py); None: each
+    # replica's own (its workers share a file).
+    redis_url: str | None = field(default=None, repr=False)
     # Apply LLMux's migrations at `llmux run` start (LiteLLM: disable_prisma_schema_update,
     # DISABLE_SCHEMA_UPDATE turn it off).
     schema_update: bool = True
@@ -259,10 +264,6 @@ SUPPORTED_ROUTING = {
 # router_settings keys LiteLLM has and LLMux does not honour yet: each is a warning naming
 # it, never silently ignored. (Unknown keys are warned about too.)
 UNSUPPORTED_ROUTER_KEYS = {
-    "redis_host",
-    "redis_port",
-    "redis_password",
-    "redis_url",
     "cache_responses",
     "enable_pre_call_checks",
     "model_group_alias",
@@ -285,6 +286,11 @@ ROUTER_KEYS = {
     "allowed_fails_policy",
     "cooldown_time",
     "disable_cooldowns",
+    # Shared rate limits and budgets (redis_url below).
+    "redis_host",
+    "redis_port",
+    "redis_password",
+    "redis_url",
 }
 PRICE_KEYS = {
     "input_cost_per_token",
@@ -349,6 +355,7 @@ LLMUX_KEYS = {
     "drain_timeout",
     "circuit_breaker",
     "listener_metrics",
+    "spend_log_queue",
     # Slow and idle clients and overload (LIMIT_KEYS).
     "client_body_timeout",
     "connection_idle_timeout",
@@ -452,6 +459,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
             "general_settings.database_url: virtual keys need general_settings.master_key; "
             "without it every request is let through and the management API is off"
         )
+    redis_url = _redis_url(router, env)
     ttl = general.get("user_api_key_cache_ttl", 10.0)
     key_cache_ttl = _positive(ttl, "general_settings.user_api_key_cache_ttl")
     schema_update = not bool(general.get("disable_prisma_schema_update", False)) and env.get(
@@ -498,6 +506,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         schema_update=schema_update,
         litellm_metrics=prometheus_callback(litellm),
         message_logging=message_logging,
+        redis_url=redis_url,
     )
 
 
@@ -530,6 +539,40 @@ def prometheus_callback(litellm: dict[str, Any]) -> bool:
         if isinstance(names, list) and "prometheus" in names:
             return True
     return False
+
+
+def _redis_url(router: dict[str, Any], env: dict[str, str]) -> str | None:
+    """LiteLLM's Redis settings: router_settings.redis_url, else redis_host/redis_port/
+    redis_password, else REDIS_URL, else REDIS_HOST/REDIS_PORT/REDIS_PASSWORD."""
+    w = "router_settings"
+    url = router.get("redis_url")
+    if url is not None:
+        return _resolve_secret(url, f"{w}.redis_url", env)
+    host = router.get("redis_host")
+    port: Any = router.get("redis_port")
+    password = router.get("redis_password")
+    if host is not None:
+        host = _resolve_secret(host, f"{w}.redis_host", env)
+        if port is not None:
+            port = _resolve_secret(str(port), f"{w}.redis_port", env)
+        if password is not None:
+            password = _resolve_secret(password, f"{w}.redis_password", env)
+    elif env.get("REDIS_URL"):
+        return env["REDIS_URL"]
+    else:
+        host, port, password = (
+            env.get("REDIS_HOST"),
+            env.get("REDIS_PORT"),
+            env.get("REDIS_PASSWORD"),
+        )
+    if not host:
+        return None
+    try:
+        number = int(port or 6379)
+    except ValueError:
+        raise ConfigError(f"{w}.redis_port: expected a port number, got {port!r}") from None
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{number}/0"
 
 
 def _parse_deployment(
@@ -804,8 +847,16 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         reload_poll_s=_positive(raw.get("reload_poll_interval", 1.0), "llmux.reload_poll_interval"),
         drain_timeout_s=_positive(raw.get("drain_timeout", 60), "llmux.drain_timeout"),
         breaker=_breaker(_mapping(raw.get("circuit_breaker"), "llmux.circuit_breaker")),
+        spend_log_queue=_spend_log_queue(raw.get("spend_log_queue", 50_000)),
         **_limits(raw),
     )
+
+
+def _spend_log_queue(value: Any) -> int:
+    size = _int(value, "llmux.spend_log_queue")
+    if size < 1:
+        raise ConfigError("llmux.spend_log_queue: must be at least 1 (rows per worker)")
+    return size
 
 
 # llmux: keys for slow and idle clients and overload -> Settings fields.

@@ -22,6 +22,8 @@ from llmux_extproc.db import management
 from llmux_extproc.errors import error_type
 
 METRICS_CLUSTER = "llmux_metrics"
+# The workers again, for Envoy's access-log streams to them (see _extproc_log_cluster).
+EXTPROC_LOG_CLUSTER = "llmux_extproc_log"
 CONTROL_CLUSTER = "llmux_control"  # the supervisor's upstream-log server (controlplane.py)
 UPSTREAM_LOG_NAME = "llmux-attempts"
 # Dynamic metadata namespace the processor writes (per-request log fields, reply marks).
@@ -112,18 +114,34 @@ def rds_document(config: Config, version: str) -> dict[str, Any]:
     }
 
 
-def _extproc_cluster(config: Config, paths: RuntimePaths) -> dict[str, Any]:
+def _extproc_log_cluster(config: Config, paths: RuntimePaths) -> dict[str, Any]:
+    """The same workers, for Envoy's access-log streams to them (accounting, releasing
+    reservations): a cluster of their own, so requests shed at `max_streams_per_worker` can
+    never take the places those streams need (measured: on the shared cluster, a burst of 46
+    shed requests made 65 more stream openings overflow, the access log's among them)."""
+    cluster = _extproc_cluster(config, paths, name=EXTPROC_LOG_CLUSTER)
+    cluster["circuit_breakers"] = {
+        "thresholds": [
+            {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 100000}
+        ]
+    }
+    return cluster
+
+
+def _extproc_cluster(
+    config: Config, paths: RuntimePaths, name: str = EXTPROC_CLUSTER
+) -> dict[str, Any]:
     endpoints = [
         {"endpoint": {"address": {"pipe": {"path": str(paths.extproc_socket(i))}}}}
         for i in range(config.settings.workers)
     ]
     return {
-        "name": EXTPROC_CLUSTER,
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
         "load_assignment": {
-            "cluster_name": EXTPROC_CLUSTER,
+            "cluster_name": name,
             "endpoints": [{"lb_endpoints": endpoints}],
         },
         **_extproc_healing(),
@@ -137,11 +155,6 @@ def _extproc_cluster(config: Config, paths: RuntimePaths) -> dict[str, Any]:
             }
         },
     }
-
-
-# ext_proc streams besides the requests': each Envoy worker thread's access-log stream to
-# the workers (accounting), with room to spare.
-EXTPROC_SPARE_STREAMS = 64
 
 
 def _extproc_thresholds(config: Config) -> dict[str, int]:
@@ -158,7 +171,7 @@ def _extproc_thresholds(config: Config) -> dict[str, int]:
     return {
         "max_connections": 10000,
         "max_pending_requests": 10000,
-        "max_requests": s.workers * s.max_streams_per_worker + EXTPROC_SPARE_STREAMS,
+        "max_requests": s.workers * s.max_streams_per_worker,
     }
 
 
@@ -453,7 +466,8 @@ def _extra_routes(config: Config) -> list[dict[str, Any]]:
         )
     for prefix in ("/key/", "/team/"):
         table.append(
-            # Not served: `/key/{key}/regenerate` (LiteLLM's) would log a key.
+            # Paths not listed, and LiteLLM's `/key/{key}/regenerate` (the processor serves
+            # it): their paths may hold a key, so the access log leaves them out.
             envoy_routing.opaque_route(
                 {
                     "match": {"prefix": prefix},
@@ -851,6 +865,19 @@ def _prompt_lua_filter() -> dict[str, Any]:
     }
 
 
+def _alias_lua_filter() -> dict[str, Any]:
+    """alias.lua (a key's model aliases): enabled only on the route of API requests for a
+    model no group serves (envoy_routing), so known models never pay for it."""
+    script = resources.files("llmux_extproc.dataplane").joinpath("alias.lua").read_text()
+    return {
+        "name": envoy_routing.ALIAS_FILTER,
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.lua.v3.Lua",
+            "source_codes": {"alias": {"inline_string": script}},
+        },
+    }
+
+
 def _stream_usage_filter() -> dict[str, Any]:
     """Envoy reads `usage` from OpenAI-format SSE itself, so streams passed through untouched
     need no Python per chunk; the last `usage` seen wins (earlier chunks carry null)."""
@@ -884,28 +911,53 @@ def _stream_accounting_log() -> dict[str, Any]:
     """Answers Envoy passes on by itself are accounted from their access-log entries, which
     Envoy sends to the workers in batches over gRPC: one message per batch, not per request
     or chunk."""
+    passed_through = {
+        "metadata_filter": {
+            "matcher": {
+                "filter": METADATA_NAMESPACE,
+                "path": [{"key": "envoy_accounts"}],
+                "value": {"present_match": True},
+            },
+            "match_if_key_not_found": False,  # the default (True) would log every request
+        }
+    }
+    # Envoy's own failures (any response flag: no upstream, timeout, reset...) and the
+    # processor failing: nobody else ends these requests' rate-limit reservations
+    # (policy/limits.py), which the worker then releases. Failed requests only.
+    envoy_failed = {
+        "or_filter": {
+            "filters": [
+                {"response_flag_filter": {}},
+                {
+                    "extension_filter": {
+                        "name": "envoy.access_loggers.extension_filters.cel",
+                        "typed_config": {
+                            _TYPE: _T
+                            + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                            "expression": "response.code_details.startsWith('ext_proc_error')",
+                        },
+                    }
+                },
+            ]
+        }
+    }
     return {
         "name": "envoy.access_loggers.http_grpc",
-        "filter": {
-            "metadata_filter": {
-                "matcher": {
-                    "filter": METADATA_NAMESPACE,
-                    "path": [{"key": "envoy_accounts"}],
-                    "value": {"present_match": True},
-                },
-                "match_if_key_not_found": False,  # the default (True) would log every request
-            }
-        },
+        "filter": {"or_filter": {"filters": [passed_through, envoy_failed]}},
         "typed_config": {
             _TYPE: _T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {
                 "log_name": ACCESS_LOG_NAME,
-                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_LOG_CLUSTER}},
                 "transport_api_version": "V3",
-                "buffer_flush_interval": "0.2s",
+                "buffer_flush_interval": f"{ACCOUNTING_FLUSH_S}s",
             },
         },
     }
+
+
+# How long an answer's accounting entry may wait in Envoy's gRPC access log buffer.
+ACCOUNTING_FLUSH_S = 0.2
 
 
 def _access_log(config: Config) -> list[dict[str, Any]]:
@@ -1019,6 +1071,8 @@ def bootstrap(
             _drain_filter(),
             _request_decompressor(),
             *envoy_routing.request_metadata_filters(),
+            # Before the route's other filters: it may change the route.
+            _alias_lua_filter(),
             # Response order is the reverse: a stream's usage is read (sse_to_metadata)
             # before it is dropped (lua).
             _prompt_lua_filter(),
@@ -1066,6 +1120,7 @@ def bootstrap(
     }
     clusters = [
         _extproc_cluster(config, paths),
+        _extproc_log_cluster(config, paths),
         _metrics_cluster(config),
         _control_cluster(paths),
     ]

@@ -44,6 +44,8 @@ RETRY_HEADER = "x-llmux-retry"
 # writes as an upstream filter stays on the attempt's own stream info).
 MARKS_HEADER = "x-llmux-marks"
 PROMPT_FILTER = "llmux.prompt"  # prompt.lua's Lua filter, enabled on stream routes
+ALIAS_FILTER = "llmux.alias"  # alias.lua: key model aliases, on the unknown-model route
+ALIAS_PATH = "/llmux/alias"  # what alias.lua asks the processor, through llmux_local
 # Routes whose request paths the access log leaves out (envoy_config) set this request
 # header, through the first filter's per-route config.
 OPAQUE_ROUTE = "llmux_opaque_path"
@@ -587,7 +589,16 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
             {"match": {**post_api, "dynamic_metadata": [_model_is(group)]}, "route": action}
         )
     local = {"cluster": LOCAL_CLUSTER, "timeout": "30s"}
-    table.append({"match": post_api, "route": local})
+    unknown_model: dict[str, Any] = {"match": post_api, "route": local}
+    if config.database_url and config.master_key:
+        # Only virtual keys have aliases: without a key database no request pays for it.
+        unknown_model["typed_per_filter_config"] = {
+            ALIAS_FILTER: {
+                _TYPE: _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+                "name": "alias",
+            }
+        }
+    table.append(unknown_model)
     for path in MODEL_LIST_PATHS:
         table.append(
             {
@@ -713,12 +724,13 @@ def route_configuration(config: Config, extra: Iterable[dict[str, Any]] = ()) ->
                 "request_body_buffer_limit": config.settings.max_request_body_bytes,
                 # The processor reads the attempt number (x-litellm-attempted-retries).
                 "include_request_attempt_count": True,
-                # prompt.lua runs only where a route names it (the stream routes).
+                # prompt.lua and alias.lua run only where a route names them.
                 "typed_per_filter_config": {
-                    PROMPT_FILTER: {
+                    name: {
                         _TYPE: _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
                         "disabled": True,
                     }
+                    for name in (PROMPT_FILTER, ALIAS_FILTER)
                 },
             }
         ],

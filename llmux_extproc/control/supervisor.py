@@ -78,6 +78,8 @@ CDS_STATS = "cluster_manager.cds"
 RDS_STATS = "http.llmux.rds.llmux"
 # How long Envoy may take to apply (or reject) a pushed file before the reload fails.
 XDS_APPLY_TIMEOUT_S = 10.0
+# After the drain, before Envoy is stopped: its accounting log buffer flushed, with margin.
+ACCESS_LOG_SETTLE_S = envoy_config.ACCOUNTING_FLUSH_S * 3
 
 
 # A child that dies sooner than this after its start counts as a crash loop: the next start
@@ -670,6 +672,9 @@ class Supervisor:
                 return
             if active == 0:
                 log.info("drained in %.1fs", time.monotonic() - started)
+                # The last answers' access log entries (their accounting, spend logs
+                # included) wait in Envoy's gRPC log buffer for up to its flush interval.
+                await asyncio.sleep(ACCESS_LOG_SETTLE_S)
                 return
             if cut.is_set() or time.monotonic() - started > timeout:
                 log.warning(
@@ -711,6 +716,8 @@ RESTART_ONLY = {
     "max_response_body_bytes": "max_response_body_bytes",
     # Envoy's --drain-time-s: how long its listener keeps answering while draining.
     "drain_timeout_s": "drain_timeout",
+    # Each worker's spend log queue is made at its start.
+    "spend_log_queue": "spend_log_queue",
     # Envoy's connection manager and overload manager (bootstrap).
     "client_body_timeout_s": "client_body_timeout",
     "connection_idle_timeout_s": "connection_idle_timeout",
@@ -732,6 +739,9 @@ def _check_reloadable(old: Config, new: Config) -> None:
     # Each worker holds a pool and a listener on the database it started with.
     if old.database_url != new.database_url:
         raise ConfigError("general_settings.database_url: changing it needs a restart of llmux run")
+    if old.redis_url != new.redis_url:
+        # Each worker connects to Redis at its start (rate limits and budgets).
+        raise ConfigError("router_settings.redis_*: changing Redis needs a restart of llmux run")
     if (old.master_key is None) != (new.master_key is None) and new.database_url:
         raise ConfigError(
             "general_settings.master_key: setting or removing it with a database needs a restart"

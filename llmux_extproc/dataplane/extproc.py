@@ -20,7 +20,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
-from urllib.parse import quote
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -29,6 +28,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from llmux_extproc.control.envoy_routing import (
+    ALIAS_PATH,
     CLIENT_KEY_HEADERS,
     MARKS_HEADER,
     REQUEST_NAMESPACE,
@@ -47,6 +47,7 @@ from llmux_extproc.dataplane.gateway import (
     attempt_headers,
     dropped_client_headers,
 )
+from llmux_extproc.dataplane.marks import encode_marks
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.observability import metrics
 
@@ -89,20 +90,6 @@ def _set_headers(headers: Mapping[str, str]) -> list[HeaderValueOption]:
         HeaderValueOption(header=HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
         for k, v in headers.items()
     ]
-
-
-def encode_marks(fields: Mapping[str, Any]) -> str:
-    """The marks header response.lua turns into `llmux` dynamic metadata: `key=<t><value>`
-    pairs joined by `;`, t = b(ool), n(umber) or s(tring, percent-encoded)."""
-    parts = []
-    for key, value in fields.items():
-        if isinstance(value, bool):
-            parts.append(f"{key}=b{int(value)}")
-        elif isinstance(value, int | float):
-            parts.append(f"{key}=n{value!r}")
-        elif isinstance(value, str):
-            parts.append(f"{key}=s{quote(value, safe='')}")
-    return ";".join(parts)
 
 
 def immediate(answer: Immediate) -> pb.ProcessingResponse:
@@ -277,6 +264,11 @@ class _HttpStream:
         if path is not None:
             self.headers[":path"] = path
         path = self.headers.get(":path", "")
+        if not keys and path.startswith(ALIAS_PATH):
+            # alias.lua's own request (an httpCall: no downstream filters, no metadata)
+            # carries the client's key in its headers. Clients cannot send one: the
+            # listener routes no such path to the processor.
+            keys = {k: self.headers[k] for k in CLIENT_KEY_HEADERS if k in self.headers}
         method = self.headers.get(":method", "")
         answer = self.gateway.on_headers(method, path, keys)
         if isinstance(answer, Pending):  # a key not cached yet: one database query
@@ -293,10 +285,12 @@ class _HttpStream:
 
     def _context(self, caller: Caller, host: tuple[int, str] | None) -> RequestContext:
         number = int(self.headers.get("x-envoy-attempt-count") or 1)
+        request_id = self.headers.get("x-request-id", "")
         if host is None:
-            return RequestContext(caller, Attempt(number, None))
+            return RequestContext(caller, Attempt(number, None), request_id)
         priority, dep_id = host
-        return RequestContext(caller, Attempt(number, self.gateway.deployment(dep_id), priority))
+        attempt = Attempt(number, self.gateway.deployment(dep_id), priority)
+        return RequestContext(caller, attempt, request_id)
 
     def _response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         for h in msg.headers.headers:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from llmux_extproc.accounting import tokens
+from llmux_extproc.accounting.spendlog import SpendQueue, SpendWriter, pool_sink
 from llmux_extproc.control.config import Config, ConfigError, file_stamp, load_config
 from llmux_extproc.control.controlplane import TOKENS_SOCKET, TokenReporter
 from llmux_extproc.dataplane.accesslog import StreamAccounting
@@ -27,6 +28,7 @@ from llmux_extproc.dataplane.extproc import Processor
 from llmux_extproc.dataplane.gateway import Gateway
 from llmux_extproc.observability import metrics
 from llmux_extproc.policy.bulkhead import Bulkhead
+from llmux_extproc.policy.limits import Limiter
 
 log = logging.getLogger("llmux.worker")
 
@@ -61,6 +63,23 @@ def _needs_tokenizer(config: Config) -> bool:
     return config.settings.stream_accounting == "processor" or any(
         d.provider == "mock" for d in config.deployments
     )
+
+
+def make_limiter(config: Config, runtime_dir: str | None) -> Limiter:
+    """Rate limits and budgets: Redis when configured (replicas share them), in front of
+    this replica's own state (its workers share a SQLite file; alone, a dict)."""
+    from llmux_extproc.policy.limits import LocalLimiter, MemoryState, SharedState
+
+    state = SharedState(Path(runtime_dir, "limits.sqlite")) if runtime_dir else MemoryState()
+    local = LocalLimiter(state)
+    if not config.redis_url:
+        return local
+
+    from llmux_extproc.policy.redis_limits import RedisLimiter, redis_client
+
+    # Changing the Redis settings needs a restart, as database_url does.
+    client = redis_client(config.redis_url)
+    return RedisLimiter(client, local, os.environ.get("LLMUX_REDIS_PREFIX", "llmux:"))
 
 
 def grpc_options() -> list[tuple[str, int]]:
@@ -113,6 +132,11 @@ async def serve(
         # Changing database_url needs a restart (the supervisor refuses it as a reload).
         gateway.keys = KeyStore(config.database_url, config.key_cache_ttl_s)
         await gateway.keys.start()
+        gateway.limiter = make_limiter(config, runtime_dir)
+        gateway.loop = asyncio.get_running_loop()
+        spend_writer = _spend_writer(gateway)
+    else:
+        spend_writer = None
     server = grpc.aio.server(options=grpc_options())
     add_ExternalProcessorServicer_to_server(Processor(gateway), server)
     add_AccessLogServiceServicer_to_server(StreamAccounting(gateway), server)
@@ -159,8 +183,20 @@ async def serve(
     # in-flight exchanges finish: Envoy drains before the supervisor stops us.
     await health.enter_graceful_shutdown()
     await server.stop(grace=5)
+    if spend_writer is not None:
+        # Envoy is gone (the supervisor stops it first) and its last access log batch is in:
+        # every answer is queued, so what is written now is everything.
+        await spend_writer.close()
     if gateway.keys is not None:
         await gateway.keys.close()
+
+
+def _spend_writer(gateway: Gateway) -> SpendWriter:
+    assert gateway.keys is not None
+    gateway.spend = SpendQueue(gateway.state.config.settings.spend_log_queue)
+    writer = SpendWriter(gateway.spend, pool_sink(gateway.keys.pool))
+    writer.start()
+    return writer
 
 
 def run_worker(

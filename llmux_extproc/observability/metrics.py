@@ -71,6 +71,10 @@ ASYNCIO_TASKS = Gauge(
     "asyncio tasks alive in the ext_proc workers (sampled each second)",
     multiprocess_mode="livesum",
 )
+SPEND_LOG_DROPPED = Counter(
+    "llmux_spend_log_dropped",
+    "Spend log rows dropped: the worker's queue was full (PostgreSQL down or too slow)",
+)
 CONFIG_RELOADS = Counter("llmux_config_reloads", "Config reload attempts", ["result"])
 # Written by the supervisor's control plane (one process), labelled by config values only.
 DEPLOYMENT_STATE = Gauge(
@@ -406,6 +410,15 @@ def streamed(
         c["l_ttft"].observe(ttft_s)
         if per_token_s is not None:
             c["l_tpot"].observe(per_token_s)
+
+
+# Rate limits and budgets (policy/limits.py): refusals by LiteLLM's field (rpm_limit,
+# tpm_limit, max_parallel_requests, model_rpm_limit, model_tpm_limit, max_budget).
+RATE_LIMITED = Counter("llmux_admission_refused", "Requests refused by a limit", ["limit"])
+SOFT_BUDGET_EXCEEDED = Counter(
+    "llmux_soft_budget_exceeded", "Settlements at or above a soft_budget", ["scope"]
+)
+REDIS_ERRORS = Counter("llmux_redis_errors", "Redis calls that failed or timed out")
 
 
 def serve(host: str, port: int) -> None:
