@@ -127,6 +127,19 @@ class Settings:
     listener_metrics: str = "auth"
     # Spend log rows a worker holds while PostgreSQL is unreachable; more are dropped.
     spend_log_queue: int = 50_000
+    # Slow and idle clients, and overload (README, Limits and overload). The whole request
+    # (headers and body) must arrive within client_body_timeout (408); a connection without
+    # a request in flight is closed after connection_idle_timeout; Envoy accepts at most
+    # max_connections client connections; at most max_streams_per_worker ext_proc streams
+    # per worker are open at once, and a request past that gets 503 with retry-after.
+    client_body_timeout_s: float = 60.0
+    connection_idle_timeout_s: float = 120.0
+    max_connections: int = 12000
+    # 512: in overload runs Envoy crashed with no cap (6 of 7) or 1,000 (2 of 4), never
+    # with 512 (3 runs) or 300 (5); 512 still lets 512 clients stream at once without a
+    # refusal (closed loop), and at 0.1-0.15 ms of worker CPU a message, 512 translated
+    # streams of ~20 chunks a second would keep a worker busy anyway (docs/architecture.md).
+    max_streams_per_worker: int = 512
 
 
 # LiteLLM's retry_policy classes, and the statuses each stands for. A class set to 0 is
@@ -343,6 +356,11 @@ LLMUX_KEYS = {
     "circuit_breaker",
     "listener_metrics",
     "spend_log_queue",
+    # Slow and idle clients and overload (LIMIT_KEYS).
+    "client_body_timeout",
+    "connection_idle_timeout",
+    "max_connections",
+    "max_streams_per_worker",
 }
 KNOWN_SECTIONS = {
     "model_list",
@@ -830,6 +848,7 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         drain_timeout_s=_positive(raw.get("drain_timeout", 60), "llmux.drain_timeout"),
         breaker=_breaker(_mapping(raw.get("circuit_breaker"), "llmux.circuit_breaker")),
         spend_log_queue=_spend_log_queue(raw.get("spend_log_queue", 50_000)),
+        **_limits(raw),
     )
 
 
@@ -838,6 +857,31 @@ def _spend_log_queue(value: Any) -> int:
     if size < 1:
         raise ConfigError("llmux.spend_log_queue: must be at least 1 (rows per worker)")
     return size
+
+
+# llmux: keys for slow and idle clients and overload -> Settings fields.
+LIMIT_KEYS = {
+    "client_body_timeout": "client_body_timeout_s",
+    "connection_idle_timeout": "connection_idle_timeout_s",
+    "max_connections": "max_connections",
+    "max_streams_per_worker": "max_streams_per_worker",
+}
+
+
+def _limits(raw: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, name in LIMIT_KEYS.items():
+        if key not in raw:
+            continue
+        where = f"llmux.{key}"
+        if key in ("max_connections", "max_streams_per_worker"):
+            value = _int(raw[key], where)
+            if value < 1:
+                raise ConfigError(f"{where}: must be at least 1, got {value}")
+            out[name] = value
+        else:
+            out[name] = _positive(raw[key], where)
+    return out
 
 
 def _access_log(value: Any) -> str:

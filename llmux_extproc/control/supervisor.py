@@ -27,6 +27,7 @@ import http.client
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -160,6 +161,47 @@ def _can_connect(listen: Listen) -> bool:
     return True
 
 
+# File descriptors Envoy needs besides its client connections and their upstream ones:
+# listeners, ext_proc and control sockets, files, the admin API (a generous round figure).
+FD_RESERVE = 1024
+
+
+def fds_needed(max_connections: int) -> int:
+    """Each client connection can hold an upstream connection too (HTTP/1.1 to the
+    provider while its answer streams), so two descriptors per connection, plus a reserve."""
+    return 2 * max_connections + FD_RESERVE
+
+
+def raise_fd_limit(max_connections: int) -> tuple[int, int]:
+    """Raise this process's RLIMIT_NOFILE soft limit to its hard limit (what an
+    unprivileged process may do), before Envoy and the workers are started, so they
+    inherit it; warn when even that is below what `max_connections` needs. Returns the
+    (soft, hard) limits now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, fds_needed(max_connections))
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning(
+                "could not raise the file-descriptor limit from %d to %d: %s", soft, hard, exc
+            )
+    need = fds_needed(max_connections)
+    if soft < need:
+        log.warning(
+            "file-descriptor limit %d is below the %d that llmux.max_connections (%d) may need"
+            " (two per connection and %d more); Envoy may run out of descriptors before the cap."
+            " Raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, the container's nofile)"
+            " or lower llmux.max_connections",
+            soft,
+            need,
+            max_connections,
+            FD_RESERVE,
+        )
+    return soft, hard
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,6 +236,8 @@ class Supervisor:
 
     def start(self) -> None:
         s = self.config.settings
+        soft, _ = raise_fd_limit(s.max_connections)
+        log.info("file-descriptor limit %d; at most %d client connections", soft, s.max_connections)
         self.write_snapshot(self._text)
         for i in range(s.workers):
             self.workers.append(self._spawn_worker(i))
@@ -674,6 +718,12 @@ RESTART_ONLY = {
     "drain_timeout_s": "drain_timeout",
     # Each worker's spend log queue is made at its start.
     "spend_log_queue": "spend_log_queue",
+    # Envoy's connection manager and overload manager (bootstrap).
+    "client_body_timeout_s": "client_body_timeout",
+    "connection_idle_timeout_s": "connection_idle_timeout",
+    "max_connections": "max_connections",
+    # The ext_proc cluster's circuit breaker (bootstrap).
+    "max_streams_per_worker": "max_streams_per_worker",
 }
 
 
