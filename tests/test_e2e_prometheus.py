@@ -423,7 +423,8 @@ def test_what_the_load_did_shows_in_prometheus(env: Env) -> None:
     # The virtual key's requests count to its team, and its budgets are read back.
     assert value('sum(llm_token_usage_total{team="ops",type="input"})') > 0
     assert value('llmux_team_max_budget_usd{team="ops",team_alias="Ops"}') == 10
-    assert value('llmux_key_spend_usd{key="ops-ci",team="ops"}') == 0.5
+    # 0.5 set by SQL, plus what the key's requests cost since (the spend logs add it).
+    assert 0.5 <= value('llmux_key_spend_usd{key="ops-ci",team="ops"}') < 0.6
     assert value('litellm_remaining_team_budget_metric{team="ops"}') == 1
 
 
