@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -13,11 +12,10 @@ from llmux_extproc.control.config import Config, ConfigError, load_config
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+    # JSON lines (observability/logs.py); the config's llmux.log_level applies once read.
+    from llmux_extproc.observability.logs import setup_logging
+
+    setup_logging()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from llmux_extproc.observability.logs import parse_log_levels
+from llmux_extproc.observability.tracing_settings import TracingSettings, parse_tracing
 from llmux_extproc.providers.registry import PROVIDERS, ProviderSpec
 
 
@@ -120,6 +122,10 @@ class Settings:
     # more than failure_rate of at least min_requests attempts in window failed, stays open
     # for open_time, then lets half_open_probes probes through.
     breaker: dict[str, float] = field(default_factory=dict)
+    # OpenTelemetry traces (observability/tracing_settings.py); Envoy takes them at start.
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    # llmux.log_level: (component, level) pairs, "default" first (observability/logs.py).
+    log_levels: tuple[tuple[str, str], ...] = ()
 
 
 # LiteLLM's retry_policy classes, and the statuses each stands for. A class set to 0 is
@@ -361,7 +367,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         "DISABLE_SCHEMA_UPDATE", ""
     ).lower() not in ("1", "true", "yes")
 
-    settings = _parse_settings(_mapping(raw.get("llmux"), "llmux"))
+    llmux_raw = _mapping(raw.get("llmux"), "llmux")
+    settings = _parse_settings(llmux_raw)
+    settings = _with_observability(settings, llmux_raw, litellm, env, warnings)
     model_list = raw.get("model_list") or []
     if not isinstance(model_list, list):
         raise ConfigError("model_list: must be a list")
@@ -653,6 +661,8 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         "reload_poll_interval",
         "drain_timeout",
         "circuit_breaker",
+        "tracing",
+        "log_level",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -690,6 +700,31 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         drain_timeout_s=_positive(raw.get("drain_timeout", 60), "llmux.drain_timeout"),
         breaker=_breaker(_mapping(raw.get("circuit_breaker"), "llmux.circuit_breaker")),
     )
+
+
+def _with_observability(
+    settings: Settings,
+    llmux: dict[str, Any],
+    litellm: dict[str, Any],
+    env: dict[str, str],
+    warnings: list[str],
+) -> Settings:
+    """llmux.tracing (or LiteLLM's callbacks: ["otel"]) and llmux.log_level."""
+    callbacks: list[Any] = []
+    for key in ("callbacks", "success_callback"):
+        value = litellm.get(key) or []
+        callbacks += value if isinstance(value, list) else [value]
+    for name in dict.fromkeys(callbacks):
+        if name not in ("otel", "prometheus"):  # metrics are always on
+            warnings.append(f"litellm_settings.callbacks: {name!r} is not supported, ignored")
+    try:
+        tracing = parse_tracing(
+            _mapping(llmux.get("tracing"), "llmux.tracing"), callbacks, env, warnings
+        )
+        levels = parse_log_levels(llmux.get("log_level"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return replace(settings, tracing=tracing, log_levels=levels)
 
 
 def _access_log(value: Any) -> str:

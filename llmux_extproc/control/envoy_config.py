@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llmux_extproc.control import envoy_routing
+from llmux_extproc.control import envoy_routing, envoy_tracing
 from llmux_extproc.control.config import Config, Listen
 from llmux_extproc.control.envoy_routing import EXTPROC_CLUSTER, MARKS_HEADER, RETRY_HEADER
 from llmux_extproc.errors import error_type
@@ -577,6 +577,10 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
         # response.lua computed for whole bodies.
         "envoy_usage": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:usage)%",
         "envoy_cost": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:cost)%",
+        # The request's trace (the client's, when it sent a traceparent) and the span of
+        # Envoy's that the attempts are children of; "-" when tracing is off.
+        "trace_id": "%TRACE_ID%",
+        "span_id": "%SPAN_ID%",
     }
     if target == "stdout":
         log = {
@@ -648,6 +652,8 @@ def bootstrap(
             },
         ],
     }
+    if s.tracing.enabled:
+        hcm["tracing"] = envoy_tracing.hcm_tracing(s.tracing)
     if static_clusters:
         hcm["route_config"] = envoy_routing.route_configuration(config, _extra_routes())
     else:
@@ -682,6 +688,8 @@ def bootstrap(
         _metrics_cluster(config),
         _control_cluster(paths),
     ]
+    if s.tracing.enabled:
+        clusters.append(envoy_tracing.otlp_cluster(s.tracing))
     doc: dict[str, Any] = {
         "node": {"id": "llmux", "cluster": "llmux"},
         "admin": {"address": address(s.admin)},
