@@ -315,6 +315,8 @@ class _HttpStream:
         marks = trace_marks(exchange)
         marks.update(model=dep.model_name, deployment=dep.id, provider=dep.provider)
         span.record(marks)
+        # What the client asked for (a fallback's deployment serves another group).
+        span.set("gen_ai.request.model", exchange.req.model)
         span.event("translated", {"llmux.deployment": dep.id})
         tracer = self.gateway.tracer
         if tracer is not None and tracer.settings.capture_message_content:
