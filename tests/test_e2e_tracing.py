@@ -40,7 +40,7 @@ async def openai_upstream(request: web.Request, body: bytes) -> web.StreamRespon
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
     base = {"id": "chatcmpl-s1", "object": "chat.completion.chunk", "created": 1}
-    chunks = [
+    chunks: list[dict[str, Any]] = [
         {"choices": [{"index": 0, "delta": {"content": "tra"}, "finish_reason": None}]},
         {"choices": [{"index": 0, "delta": {"content": "ced"}, "finish_reason": None}]},
         {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
