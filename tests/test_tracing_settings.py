@@ -117,7 +117,8 @@ def test_headers_are_not_in_the_repr() -> None:
 
 def envoy_bootstrap(text: str, tmp_path: Path) -> dict[str, Any]:
     doc = bootstrap(parse_config(text), RuntimePaths(tmp_path), static_clusters=True)
-    return orjson.loads(orjson.dumps(doc))
+    parsed: dict[str, Any] = orjson.loads(orjson.dumps(doc))
+    return parsed
 
 
 def hcm(doc: dict[str, Any]) -> dict[str, Any]:
