@@ -68,11 +68,37 @@ def _exporter(t: TracingSettings) -> dict[str, Any]:
     }
 
 
+def _sampler(t: TracingSettings) -> dict[str, Any]:
+    """OpenTelemetry's parentbased_traceidratio, the SDK default for OTEL_TRACES_SAMPLER_ARG:
+    a client's traceparent decides (sampled or not), the ratio decides for the rest."""
+    ratio = {
+        "name": "envoy.tracers.opentelemetry.samplers.trace_id_ratio_based",
+        "typed_config": {
+            _TYPE: _T
+            + "envoy.extensions.tracers.opentelemetry.samplers.v3.TraceIdRatioBasedSamplerConfig",
+            "sampling_percentage": {
+                "numerator": round(t.sampling_ratio * 1_000_000),
+                "denominator": "MILLION",
+            },
+        },
+    }
+    return {
+        "name": "envoy.tracers.opentelemetry.samplers.parent_based",
+        "typed_config": {
+            _TYPE: _T
+            + "envoy.extensions.tracers.opentelemetry.samplers.v3.ParentBasedSamplerConfig",
+            "wrapped_sampler": ratio,
+        },
+    }
+
+
 def hcm_tracing(t: TracingSettings) -> dict[str, Any]:
     """The HTTP connection manager's `tracing` block."""
     return {
-        # Requests without a sampled client traceparent; a client's sampled flag is obeyed.
-        "random_sampling": {"value": t.sampling_ratio * 100},
+        # Every request reaches the tracer's sampler, which decides (below): Envoy's own
+        # random_sampling overrides a client's sampled flag (spike: at 0, a client's
+        # `-01` traceparent went upstream as `-00` and no span was exported).
+        "random_sampling": {"value": 100},
         # One span per upstream attempt (retries and fallbacks each get theirs), whose
         # context is what the attempt's request carries.
         "spawn_upstream_span": True,
@@ -82,6 +108,7 @@ def hcm_tracing(t: TracingSettings) -> dict[str, Any]:
             "typed_config": {
                 _TYPE: _T + "envoy.config.trace.v3.OpenTelemetryConfig",
                 "service_name": t.service_name,
+                "sampler": _sampler(t),
                 **_exporter(t),
             },
         },
