@@ -20,6 +20,7 @@ from aiohttp import web
 from tests.harness import (
     Gateway,
     MockUpstream,
+    free_port,
     json_response,
     openai_chat_completion,
     running_gateway,
@@ -301,6 +302,71 @@ def test_unknown_model_error_is_traced(gateway: Gateway, receiver: GrpcReceiver)
     assert request.attributes["http.status_code"] == "404"
     assert request.attributes["gen_ai.request.model"] == "no-such-model"
     assert worker.attributes["http.response.status_code"] == 404
+
+
+def test_each_attempt_has_its_span_and_the_worker_span_of_it(
+    receiver: GrpcReceiver,
+    upstreams: tuple[MockUpstream, MockUpstream],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A group with a deployment that refuses connections: requests that meet it first are
+    retried on the other one, and each attempt is a span of Envoy's."""
+    config = gateway_config(upstreams[0].base_url, upstreams[1].base_url)
+    dead = {
+        "model_name": "gpt-test",
+        "litellm_params": {
+            "model": "openai/gpt-4o",
+            "api_base": f"http://127.0.0.1:{free_port()}/v1",
+            "api_key": "sk-upstream",
+        },
+        "model_info": {"id": "dead"},
+    }
+    config["model_list"] = [dead, config["model_list"][0]]
+    config["router_settings"] = {"num_retries": 2, "disable_cooldowns": True}
+    config["llmux"] = {
+        "tracing": {"enabled": True, "endpoint": receiver.endpoint, "sampling_ratio": 0}
+    }
+    sent: list[tuple[str, int]] = []
+    with running_gateway(config, tmp_path_factory.mktemp("tracing-retries")) as gw:
+        for _ in range(6):
+            traceparent, trace_id, _ = new_traceparent()
+            raw = client(gw).chat.completions.with_raw_response.create(
+                model="gpt-test",
+                messages=[{"role": "user", "content": "retry me"}],
+                extra_headers={"traceparent": traceparent},
+            )
+            sent.append((trace_id, int(raw.headers["x-litellm-attempted-retries"]) + 1))
+        assert any(attempts > 1 for _, attempts in sent), "none met the dead deployment first"
+        for trace_id, attempts in sent:
+
+            def arrived(spans: list[Received], n: int = attempts) -> bool:
+                routers = [s for s in spans if s.name.startswith("router ")]
+                workers = [s for s in spans if s.kind == INTERNAL]
+                return complete(spans) and len(routers) == n and len(workers) == n
+
+            # sampling_ratio 0: the client's sampled flag alone keeps the trace.
+            spans = receiver.collector.wait(arrived, trace_id)
+            request = next(s for s in spans if s.kind == SERVER)
+            routers = [s for s in spans if s.name.startswith("router ")]
+            workers = {s.parent_span_id: s for s in spans if s.kind == INTERNAL}
+            assert {r.parent_span_id for r in routers} == {request.span_id}
+            assert set(workers) == {r.span_id for r in routers}  # one per attempt
+            assert request.attributes["llmux.attempts"] == str(attempts)
+            answered = max(workers.values(), key=lambda w: w.attributes["llmux.attempts"])
+            assert answered.attributes["llmux.attempts"] == attempts
+            if attempts > 1:
+                failed = next(r for r in routers if r.attributes.get("error") == "true")
+                assert "connection failure" in failed.attributes["error.reason"]
+                assert workers[failed.span_id].attributes.get("llmux.ended_by_envoy") is True
+        # An unsampled client trace stays unsampled, whatever the ratio.
+        _, unsampled, _ = new_traceparent()
+        client(gw).chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "not sampled"}],
+            extra_headers={"traceparent": f"00-{unsampled}-{secrets.token_hex(8)}-00"},
+        )
+    time.sleep(6)
+    assert receiver.collector.of_trace(unsampled) == []
 
 
 def test_litellm_otel_callback_exports_over_http(

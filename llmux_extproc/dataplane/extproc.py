@@ -290,6 +290,7 @@ class _HttpStream:
             self.span = tracer.attempt(
                 self.headers.get("traceparent"), self.headers.get("tracestate")
             )
+            self.span.set("llmux.attempts", int(self.headers.get("x-envoy-attempt-count") or 1))
             TRACE_IDS.set(self.span.ids)  # this task's log lines carry them
         answer = self.gateway.on_headers(method, path, keys)
         if isinstance(answer, Pending):  # a key not cached yet: one database query
@@ -442,8 +443,12 @@ class _HttpStream:
         if self.session is not None and not self.session.closed:
             action = self.session.close(completed=False)
             self._span_ends(action.log, 499)
-        if self.span is not None:
-            self.span.end()  # Envoy ended the attempt before its answer (no-op if ended)
+        span = self.span
+        if span is not None and not span.ended:
+            # Envoy ended the attempt before its answer: a connect failure, a reset, a
+            # timeout, or the client gone; Envoy's attempt span has the reason.
+            span.set("llmux.ended_by_envoy", True)
+            span.end()
         if self.held is not None:
             self.gateway.release(self.held)
             self.held = None

@@ -141,6 +141,10 @@ class AttemptSpan:
         self._ended = False
 
     @property
+    def ended(self) -> bool:
+        return self._ended
+
+    @property
     def ids(self) -> tuple[str, str]:
         ctx = self.span.get_span_context()
         return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
