@@ -259,7 +259,8 @@ class _HttpStream:
                 self.headers.get(":method", "POST"),
             )
             if isinstance(decision, Immediate):
-                self._span_ends(decision.log, decision.status)
+                if self.span is not None:
+                    self._span_ends(decision.log, decision.status)
                 return immediate(decision)
             self.exchange = decision.exchange
             if self.span is not None:
@@ -291,21 +292,24 @@ class _HttpStream:
                 self.headers.get("traceparent"), self.headers.get("tracestate")
             )
             self.span.set("llmux.attempts", int(self.headers.get("x-envoy-attempt-count") or 1))
-            TRACE_IDS.set(self.span.ids)  # this task's log lines carry them
+            if self.span.ids[0]:
+                TRACE_IDS.set(self.span.ids)  # this task's log lines carry them
         answer = self.gateway.on_headers(method, path, keys)
         if isinstance(answer, Pending):  # a key not cached yet: one database query
             answer = await answer.answer
         if isinstance(answer, Immediate):
-            self._span_ends(answer.log, answer.status)
+            if self.span is not None:
+                self._span_ends(answer.log, answer.status)
             return immediate(answer)
         if self.span is not None:
-            self.span.event("authenticated", {"llmux.team": answer.team})
+            self.span.event("authenticated")
         self.ctx = self._context(answer, host_deployment(msg))
         if headers.end_of_stream:
             # No body will follow (an empty POST): the body phase would never run.
             decision = await self.gateway.on_body(path, b"", self.ctx, method)
             if isinstance(decision, Immediate):
-                self._span_ends(decision.log, decision.status)
+                if self.span is not None:
+                    self._span_ends(decision.log, decision.status)
                 return immediate(decision)
         return _HEADERS_CONTINUE
 
@@ -313,17 +317,24 @@ class _HttpStream:
         span = self.span
         assert span is not None
         dep = exchange.dep
-        marks = trace_marks(exchange)
-        marks.update(model=dep.model_name, deployment=dep.id, provider=dep.provider)
-        span.record(marks)
+        # What an attempt Envoy ends before its answer still reports; the answer's marks
+        # (the same and more) are recorded when it comes.
+        span.record({"model": dep.model_name, "deployment": dep.id, "provider": dep.provider})
         # What the client asked for (a fallback's deployment serves another group).
         span.set("gen_ai.request.model", exchange.req.model)
-        span.event("translated", {"llmux.deployment": dep.id})
+        span.event("translated")
         tracer = self.gateway.tracer
         if tracer is not None and tracer.settings.capture_message_content:
             span.set("gen_ai.input.messages", _json_text(exchange.req.body.get("messages")))
 
-    def _span_ends(self, marks: Mapping[str, Any], status: int, body: bytes | None = None) -> None:
+    def _span_ends(
+        self,
+        marks: Mapping[str, Any],
+        status: int,
+        body: bytes | None = None,
+        *,
+        genai: bool = True,
+    ) -> None:
         span = self.span
         if span is None:
             return
@@ -331,7 +342,7 @@ class _HttpStream:
         tracer = self.gateway.tracer
         if body is not None and tracer is not None and tracer.settings.capture_message_content:
             span.set("gen_ai.output.messages", _output_messages(body))
-        span.end(status, marks.get("error"))
+        span.end(status, marks.get("error"), genai=genai)
 
     def _context(self, caller: Caller, host: tuple[int, str] | None) -> RequestContext:
         number = int(self.headers.get("x-envoy-attempt-count") or 1)
@@ -355,7 +366,8 @@ class _HttpStream:
             headers = attempt_headers(self.exchange)
             headers[MARKS_HEADER] = encode_marks(handling.log)
             # The rest of the answer is Envoy's; its span has the usage and finish reasons.
-            self._span_ends(handling.log, self.status)
+            if self.span is not None:
+                self._span_ends(handling.log, self.status, genai=False)
             self.exchange = None
             # The body is Envoy's alone; a held bulkhead place waits for the stream's end.
             self.last_reply = self.held is None
@@ -412,7 +424,8 @@ class _HttpStream:
         if msg.end_of_stream:
             self.last_reply = True
             action = session.close(completed=True)  # accounted here; the log has the marks
-            self._span_ends(action.log, 200)
+            if self.span is not None:
+                self._span_ends(action.log, 200)
         return response
 
     def _response_body(self, body: bytes) -> pb.ProcessingResponse:
@@ -421,7 +434,8 @@ class _HttpStream:
             return pb.ProcessingResponse(response_body=pb.BodyResponse())
         action = self.gateway.handle_response(self.exchange, self.status, body)
         self.exchange = None
-        self._span_ends(action.log, action.status, action.body)
+        if self.span is not None:
+            self._span_ends(action.log, action.status, action.body)
         out_headers = _answer_headers(action)
         body_mutation = None
         if action.body is not None:
@@ -442,7 +456,8 @@ class _HttpStream:
     def abandon(self) -> None:
         if self.session is not None and not self.session.closed:
             action = self.session.close(completed=False)
-            self._span_ends(action.log, 499)
+            if self.span is not None:
+                self._span_ends(action.log, 499)
         span = self.span
         if span is not None and not span.ended:
             # Envoy ended the attempt before its answer: a connect failure, a reset, a

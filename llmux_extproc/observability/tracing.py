@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from llmux_extproc.observability.logs import trace_ids_from_traceparent
 from llmux_extproc.observability.tracing_settings import TracingSettings
 
 if TYPE_CHECKING:
@@ -130,58 +131,80 @@ def answer_marks(body: bytes) -> dict[str, Any]:
     return marks
 
 
+# What the worker's span of a passed-through attempt keeps: Envoy's request span already
+# has the GenAI attributes (custom tags), so only what is the worker's own.
+_PASSTHROUGH_KEYS = ("model", "deployment", "attempt")
+
+
 class AttemptSpan:
-    """The worker's span of one attempt: started at its request headers, ended when the
-    processor sees the attempt's last message (or Envoy ends the stream)."""
+    """The worker's span of one attempt, from its request headers to the last message the
+    processor sees (or Envoy ending the stream).
 
-    __slots__ = ("_ended", "span")
+    Nothing of the SDK is touched until the attempt ends: the start time, the events and
+    the marks are kept in plain Python, and `end` makes the span in one call with all of
+    them (the SDK validates attributes on every set: recording them as they came cost 130
+    us per request of the worker's event loop, measured with bench/tracing_cost.py)."""
 
-    def __init__(self, span: Span) -> None:
-        self.span = span
+    __slots__ = ("_ended", "_events", "_extra", "_marks", "_parent", "_start", "_tracer", "ids")
+
+    def __init__(self, tracer: WorkerTracer, traceparent: str | None, ids: tuple[str, str]) -> None:
+        self._tracer = tracer
+        self._parent = traceparent
+        self._start = time.time_ns()
+        self._events: list[tuple[str, int]] = []
+        self._marks: dict[str, Any] = {}
+        self._extra: dict[str, Any] = {}
         self._ended = False
+        # Trace id and the parent's span id (Envoy's span of this attempt): the ids the
+        # worker's log lines carry, known before the span exists.
+        self.ids = ids
 
     @property
     def ended(self) -> bool:
         return self._ended
 
-    @property
-    def ids(self) -> tuple[str, str]:
-        ctx = self.span.get_span_context()
-        return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
-
-    def event(self, name: str, attributes: Mapping[str, Any] | None = None) -> None:
-        self.span.add_event(name, _attributes(attributes or {}))
+    def event(self, name: str) -> None:
+        self._events.append((name, time.time_ns()))
 
     def record(self, marks: Mapping[str, Any]) -> None:
-        """Marks (request_marks, the accounting log, answer_marks) as span attributes."""
+        """Marks (request_marks, the accounting log, answer_marks), as span attributes."""
+        self._marks.update(marks)
+
+    def set(self, key: str, value: Any) -> None:
+        self._extra[key] = value
+
+    def end(
+        self, status: int | None = None, error: str | None = None, *, genai: bool = True
+    ) -> None:
+        """genai=False: a passed-through answer, whose GenAI attributes Envoy's span has."""
+        if self._ended:
+            return
+        self._ended = True
+        marks = self._marks
         attrs: dict[str, Any] = {}
         for attribute, key in SPAN_ATTRIBUTES.items():
             value = marks.get(key)
-            if value is None:
+            if value is None or (not genai and key not in _PASSTHROUGH_KEYS):
                 continue
             if key == "finish_reasons" and isinstance(value, str):
                 value = orjson.loads(value)
             attrs[attribute] = value
-        self.span.set_attributes(_attributes(attrs))
-        op, model = marks.get("op"), marks.get("model")
-        if op and model:
-            self.span.update_name(f"{op} {model}")
-
-    def set(self, key: str, value: Any) -> None:
-        self.span.set_attribute(key, value)
-
-    def end(self, status: int | None = None, error: str | None = None) -> None:
-        if self._ended:
-            return
-        self._ended = True
+        attrs.update(self._extra)
         if status is not None:
-            self.span.set_attribute("http.response.status_code", status)
-        if error is not None or (status is not None and status >= 500):
+            attrs["http.response.status_code"] = status
+        failed = error is not None or (status is not None and status >= 500)
+        if failed:
+            attrs["error.type"] = error or str(status)
+        op, model = marks.get("op"), marks.get("model")
+        name = f"{op} {model}" if op and model else "llmux.attempt"
+        span = self._tracer.start(name, self._parent, _attributes(attrs), self._start)
+        for event, at in self._events:
+            span.add_event(event, timestamp=at)
+        if failed:
             from opentelemetry.trace import Status, StatusCode
 
-            self.span.set_attribute("error.type", error or str(status))
-            self.span.set_status(Status(StatusCode.ERROR, error))
-        self.span.end()
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
 
 
 def _attributes(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -240,16 +263,24 @@ class WorkerTracer:
         return HttpExporter(endpoint=s.endpoint, headers=headers, timeout=s.export_timeout_s)
 
     def attempt(self, traceparent: str | None, tracestate: str | None = None) -> AttemptSpan:
+        ids = trace_ids_from_traceparent(traceparent)
+        if ids is None:  # no parent: the span will start a trace of its own
+            traceparent, ids = None, ("", "")
+        return AttemptSpan(self, traceparent, ids)
+
+    def start(
+        self, name: str, traceparent: str | None, attributes: dict[str, Any], start_time: int
+    ) -> Span:
         from opentelemetry.trace import SpanKind
 
-        carrier = {"traceparent": traceparent} if traceparent else {}
-        if tracestate:
-            carrier["tracestate"] = tracestate
-        parent = self._propagator.extract(carrier) if carrier else None
-        span = self.tracer.start_span(
-            "llmux.attempt", context=parent, kind=SpanKind.INTERNAL, start_time=time.time_ns()
+        parent = self._propagator.extract({"traceparent": traceparent}) if traceparent else None
+        return self.tracer.start_span(
+            name,
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=start_time,
         )
-        return AttemptSpan(span)
 
     def shutdown(self) -> None:
         self.provider.shutdown()  # flushes what is batched
