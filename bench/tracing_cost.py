@@ -165,7 +165,7 @@ def e2e(n: int, rounds: int) -> None:
 
     import httpx
 
-    from bench.procstats import cpu_seconds, descendants
+    from bench.procstats import cmdline, cpu_seconds, descendants
     from tests.harness import MockUpstream, json_response, openai_chat_completion, running_gateway
 
     async def answer(request: object, body: bytes) -> object:
@@ -213,20 +213,40 @@ def e2e(n: int, rounds: int) -> None:
                         client.post("/chat/completions", json=body)
                     time.sleep(6)  # warm-up spans exported
                     pids = [gw.process.pid, *descendants(gw.process.pid)]
-                    before = sum(cpu_seconds(p) for p in pids)
+
+                    def by_role(pids: list[int] = pids) -> dict[str, float]:
+                        out: dict[str, float] = {}
+                        for p in pids:
+                            cmd = " ".join(cmdline(p))
+                            role = (
+                                "envoy"
+                                if "envoy" in cmd.split()[0]
+                                else ("worker" if " extproc " in cmd else "supervisor")
+                            )
+                            out[role] = out.get(role, 0.0) + cpu_seconds(p)
+                        return out
+
+                    before = by_role()
                     started = time.monotonic()
                     for _ in range(n):
                         assert client.post("/chat/completions", json=body).status_code == 200
                     time.sleep(6)  # Envoy's and the workers' batches of these go out
-                    used = sum(cpu_seconds(p) for p in pids) - before
+                    after = by_role()
                     wall = time.monotonic() - started
                     # The gateway's idle work (health checks, polling) over as long a time,
                     # measured right after, is not the requests'.
-                    idle_from = sum(cpu_seconds(p) for p in pids)
                     time.sleep(wall)
-                    used -= sum(cpu_seconds(p) for p in pids) - idle_from
+                    idle = by_role()
+                    roles = {
+                        r: (after[r] - before[r]) - (idle[r] - after[r]) for r in sorted(after)
+                    }
+                    used = sum(roles.values())
                 label = "on " if traced else "off"
-                print(f"e2e tracing {label}: {used / n * 1e6:7.1f} us CPU/request", flush=True)
+                parts = ", ".join(f"{r} {v / n * 1e6:.0f}" for r, v in roles.items())
+                print(
+                    f"e2e tracing {label}: {used / n * 1e6:7.1f} us CPU/request ({parts})",
+                    flush=True,
+                )
     finally:
         upstream.stop()
         receiver.terminate()

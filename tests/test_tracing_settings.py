@@ -77,6 +77,13 @@ def test_generic_http_endpoint_gets_the_traces_path() -> None:
     assert t.endpoint == "http://127.0.0.1:4318/v1/traces"
 
 
+def test_header_values_may_name_environment_variables() -> None:
+    t, _ = tracing({"enabled": True, "headers": {"X-Key": "os.environ/KEY"}}, {"KEY": "v"})
+    assert t.headers == (("x-key", "v"),)
+    with pytest.raises(TracingConfigError, match="'MISSING' is not set"):
+        tracing({"headers": {"x": "os.environ/MISSING"}})
+
+
 def test_sdk_disabled_wins() -> None:
     t, warnings = tracing({"enabled": True}, {"OTEL_SDK_DISABLED": "true"})
     assert not t.enabled
@@ -139,7 +146,13 @@ def test_envoy_tracer_grpc(tmp_path: Path) -> None:
         tmp_path,
     )
     t = hcm(doc)["tracing"]
-    assert t["random_sampling"] == {"value": pytest.approx(10.0)}
+    # Envoy's own random sampling lets everything through; the tracer's sampler decides
+    # (parent-based, then the ratio).
+    assert t["random_sampling"] == {"value": 100}
+    sampler = t["provider"]["typed_config"]["sampler"]
+    assert sampler["name"] == "envoy.tracers.opentelemetry.samplers.parent_based"
+    ratio = sampler["typed_config"]["wrapped_sampler"]["typed_config"]["sampling_percentage"]
+    assert ratio == {"numerator": 100_000, "denominator": "MILLION"}
     assert t["spawn_upstream_span"] is True
     config = t["provider"]["typed_config"]
     assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == OTLP_CLUSTER

@@ -177,7 +177,18 @@ def parse_tracing(
         except TracingConfigError as exc:
             raise TracingConfigError(f"OTEL_EXPORTER_OTLP_HEADERS: {exc}") from exc
     elif isinstance(headers_raw, dict):
-        headers = tuple((str(k).lower(), str(v)) for k, v in headers_raw.items())
+        pairs = []
+        for key, value in headers_raw.items():
+            text = str(value)
+            if text.startswith("os.environ/"):  # LiteLLM's way of naming a secret
+                name = text[len("os.environ/") :]
+                if name not in env:
+                    raise TracingConfigError(
+                        f"llmux.tracing.headers.{key}: environment variable {name!r} is not set"
+                    )
+                text = env[name]
+            pairs.append((str(key).lower(), text))
+        headers = tuple(pairs)
     else:
         raise TracingConfigError("llmux.tracing.headers: must be a mapping of header: value")
 
