@@ -380,6 +380,8 @@ def test_litellm_otel_callback_exports_over_http(
     http = http_receiver(collector).start()
     config = gateway_config(upstreams[0].base_url, upstreams[1].base_url)
     config["litellm_settings"] = {"callbacks": ["otel"]}
+    # Content is opted into here (and only here): the other tests check its absence.
+    config["llmux"] = {"tracing": {"capture_message_content": True}}
     env = {
         "OTEL_EXPORTER": "otlp_http",
         "OTEL_ENDPOINT": http.base_url,
@@ -389,7 +391,7 @@ def test_litellm_otel_callback_exports_over_http(
     try:
         with running_gateway(config, tmp_path_factory.mktemp("tracing-http"), env) as gw:
             traceparent, trace_id, _ = new_traceparent()
-            client(gw).chat.completions.create(
+            reply = client(gw).chat.completions.create(
                 model="claude",
                 messages=[{"role": "user", "content": "over http"}],
                 extra_headers={"traceparent": traceparent},
@@ -401,6 +403,10 @@ def test_litellm_otel_callback_exports_over_http(
     assert request.service == worker.service == "llmux-http"
     assert worker.attributes["gen_ai.provider.name"] == "anthropic"
     assert any(h.get("authorization") == "Bearer abc" for h in collector.headers)
+    sent = orjson.loads(worker.attributes["gen_ai.input.messages"])
+    assert sent == [{"role": "user", "content": "over http"}]
+    answered = orjson.loads(worker.attributes["gen_ai.output.messages"])
+    assert answered[0]["content"] == reply.choices[0].message.content
 
 
 def test_nothing_is_exported_when_tracing_is_off(
@@ -432,6 +438,7 @@ def test_nothing_is_exported_when_tracing_is_off(
         log = gw.log()
         assert "Traceback" not in log
         # The access log names no trace when there is none.
-        access = [orjson.loads(x) for x in log.splitlines() if '"request_id"' in x]
+        lines = [orjson.loads(x) for x in log.splitlines() if '"request_id"' in x]
+        access = [x for x in lines if x["model"] in ("gpt-test", "claude")]
         assert len(access) == 3
         assert all(line["trace_id"] is None and line["span_id"] is None for line in access)
