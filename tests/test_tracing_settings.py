@@ -204,3 +204,20 @@ def test_answer_marks_of_an_openai_body() -> None:
         "finish_reasons": '["stop","length"]',
     }
     assert answer_marks(b"not json") == {}
+
+
+def test_worker_spans_follow_envoys_sampling_decision() -> None:
+    from llmux_extproc.observability.logs import trace_ids_from_traceparent
+    from llmux_extproc.observability.tracing import WorkerTracer
+
+    tracer = WorkerTracer(TracingSettings(enabled=True, endpoint="http://127.0.0.1:9"))
+    try:
+        base = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-"
+        for flags, sampled in (("01", True), ("00", False), ("03", True), ("zz", False)):
+            tp = base + flags
+            span = tracer.attempt(tp, trace_ids_from_traceparent(tp))
+            assert (span is not None) == sampled, flags
+        root = tracer.attempt(None, None)  # no parent: the ratio (1.0) decides
+        assert root is not None and root.ids == ("", "")
+    finally:
+        tracer.shutdown()

@@ -50,7 +50,7 @@ from llmux_extproc.dataplane.gateway import (
 )
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.observability import metrics
-from llmux_extproc.observability.logs import TRACE_IDS
+from llmux_extproc.observability.logs import TRACE_IDS, trace_ids_from_traceparent
 from llmux_extproc.observability.tracing import AttemptSpan
 
 log = logging.getLogger("llmux.extproc")
@@ -288,12 +288,13 @@ class _HttpStream:
         tracer = self.gateway.tracer
         if tracer is not None:
             # Envoy's span of this attempt is the parent (its context is in the headers).
-            self.span = tracer.attempt(
-                self.headers.get("traceparent"), self.headers.get("tracestate")
-            )
-            self.span.set("llmux.attempts", int(self.headers.get("x-envoy-attempt-count") or 1))
-            if self.span.ids[0]:
-                TRACE_IDS.set(self.span.ids)  # this task's log lines carry them
+            traceparent = self.headers.get("traceparent")
+            ids = trace_ids_from_traceparent(traceparent)
+            if ids is not None:
+                TRACE_IDS.set(ids)  # this task's log lines carry them, sampled or not
+            span = self.span = tracer.attempt(traceparent, ids)
+            if span is not None:
+                span.set("llmux.attempts", int(self.headers.get("x-envoy-attempt-count") or 1))
         answer = self.gateway.on_headers(method, path, keys)
         if isinstance(answer, Pending):  # a key not cached yet: one database query
             answer = await answer.answer

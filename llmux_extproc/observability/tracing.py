@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from llmux_extproc.observability.logs import trace_ids_from_traceparent
 from llmux_extproc.observability.tracing_settings import TracingSettings
 
 if TYPE_CHECKING:
@@ -134,6 +133,13 @@ def answer_marks(body: bytes) -> dict[str, Any]:
 # What the worker's span of a passed-through attempt keeps: Envoy's request span already
 # has the GenAI attributes (custom tags), so only what is the worker's own.
 _PASSTHROUGH_KEYS = ("model", "deployment", "attempt")
+
+
+_SAMPLED_FLAGS = frozenset({"01", "03"})
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 class AttemptSpan:
@@ -262,10 +268,16 @@ class WorkerTracer:
 
         return HttpExporter(endpoint=s.endpoint, headers=headers, timeout=s.export_timeout_s)
 
-    def attempt(self, traceparent: str | None, tracestate: str | None = None) -> AttemptSpan:
-        ids = trace_ids_from_traceparent(traceparent)
-        if ids is None:  # no parent: the span will start a trace of its own
-            traceparent, ids = None, ("", "")
+    def attempt(self, traceparent: str | None, ids: tuple[str, str] | None) -> AttemptSpan | None:
+        """The span of an attempt whose request carries `traceparent` (Envoy's attempt span,
+        `ids` its trace and span id); None when Envoy did not sample it, so an unsampled
+        request costs the worker nothing more (parent-based sampling, as Envoy's)."""
+        if ids is None:  # no parent (a sidecar setup): the span starts a trace of its own
+            return AttemptSpan(self, None, ("", ""))
+        assert traceparent is not None
+        flags = traceparent[53:55]
+        if flags not in _SAMPLED_FLAGS and not (_is_hex(flags) and int(flags, 16) & 1):
+            return None
         return AttemptSpan(self, traceparent, ids)
 
     def start(
