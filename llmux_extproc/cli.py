@@ -33,6 +33,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     p_envoy.add_argument("config", nargs="?")
     p_envoy.add_argument("--runtime-dir", default="/run/llmux", help="where sockets would live")
+    p_envoy.add_argument(
+        "--mode",
+        choices=("standalone", "mesh"),
+        default="standalone",
+        help="standalone: what `llmux run` gives Envoy; mesh: for your own Envoy, calling "
+        "`llmux extproc` processes at --extproc",
+    )
+    p_envoy.add_argument(
+        "--extproc", help="mesh: the processors' gRPC address, host:port (a Service name)"
+    )
+    p_envoy.add_argument(
+        "--sink-port", type=int, default=19902, help="mesh: a free loopback port Envoy may use"
+    )
+    p_envoy.add_argument(
+        "--extproc-tls-ca", help="mesh: the processors serve TLS signed by this CA"
+    )
+    p_envoy.add_argument("--extproc-tls-cert", help="mesh: Envoy's client certificate (mTLS)")
+    p_envoy.add_argument("--extproc-tls-key", help="mesh: Envoy's client key (mTLS)")
 
     p_ext = sub.add_parser(
         "extproc", help="run one ext_proc server (sidecar use, or under llmux run)"
@@ -40,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     p_ext.add_argument("--config")
     p_ext.add_argument("--listen", required=True, help="unix:/path or host:port")
     p_ext.add_argument("--watch", action="store_true", help="reload when the config file changes")
+    p_ext.add_argument("--tls-cert", help="serve gRPC over TLS with this PEM certificate")
+    p_ext.add_argument("--tls-key", help="... and this PEM private key")
+    p_ext.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
 
     p_db = sub.add_parser("db", help="the virtual-key database (PostgreSQL)")
     db_sub = p_db.add_subparsers(dest="db_command", required=True)
@@ -96,13 +117,31 @@ def _dispatch(args: argparse.Namespace) -> int:
         from llmux_extproc.control.envoy_config import RuntimePaths, bootstrap
 
         config = load_config(args.config)
-        doc = bootstrap(config, RuntimePaths(Path(args.runtime_dir)), static_clusters=True)
+        if args.mode == "mesh":
+            from llmux_extproc.control.mesh import ProcessorTls, mesh_bootstrap
+
+            if not args.extproc:
+                print("llmux envoy-config: --mode mesh needs --extproc host:port", file=sys.stderr)
+                return 2
+            tls = None
+            if args.extproc_tls_ca:
+                tls = ProcessorTls(args.extproc_tls_ca, args.extproc_tls_cert, args.extproc_tls_key)
+            doc = mesh_bootstrap(config, args.extproc, args.sink_port, tls)
+        else:
+            doc = bootstrap(config, RuntimePaths(Path(args.runtime_dir)), static_clusters=True)
         print(yaml.safe_dump(doc, sort_keys=False), end="")
         return 0
     if args.command == "extproc":
-        from llmux_extproc.dataplane.server import run_worker
+        from llmux_extproc.dataplane.server import ServerTls, run_worker
 
-        run_worker(args.config, args.listen, watch=args.watch)
+        server_tls = None
+        if args.tls_cert or args.tls_key or args.tls_client_ca:
+            if not (args.tls_cert and args.tls_key):
+                print("llmux extproc: TLS needs both --tls-cert and --tls-key", file=sys.stderr)
+                return 2
+            ca = Path(args.tls_client_ca) if args.tls_client_ca else None
+            server_tls = ServerTls(Path(args.tls_cert), Path(args.tls_key), ca)
+        run_worker(args.config, args.listen, watch=args.watch, tls=server_tls)
         return 0
     if args.command == "db":
         return _migrate(args.config)

@@ -391,3 +391,26 @@ def test_valid_hosts_are_taken() -> None:
     ):
         text = f"model_list: [{{model_name: m, litellm_params: {{model: openai/x, api_base: '{api_base}'}}}}]"
         assert parse_config(text).deployments[0].upstream is not None
+
+
+def test_unsupported_general_and_litellm_settings_are_warnings_naming_them() -> None:
+    config = parse_config(
+        """
+model_list:
+  - model_name: m
+    litellm_params: {model: mock/gpt-4o-mini}
+general_settings:
+  master_key: sk-1
+  user_api_key_cache_ttl: 5
+  alerting: [slack]
+litellm_settings:
+  drop_params: true
+  num_retries: 2
+  success_callback: [langfuse]
+"""
+    )
+    assert sorted(config.warnings) == [
+        "general_settings.alerting: not supported by LLMux, ignored",
+        "litellm_settings.success_callback: not supported by LLMux, ignored",
+    ]
+    assert config.router.num_retries == 2  # read from litellm_settings, as LiteLLM does

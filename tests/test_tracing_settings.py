@@ -114,7 +114,11 @@ def test_config_errors_and_callbacks_warnings_in_parse_config() -> None:
         parse_config("llmux:\n  tracing: {sampling_ratio: -1}\n")
     config = parse_config("litellm_settings:\n  callbacks: [otel, langfuse]\n")
     assert config.settings.tracing.enabled
-    assert "litellm_settings.callbacks: 'langfuse' is not supported, ignored" in config.warnings
+    assert config.warnings == (
+        "litellm_settings.callbacks: 'langfuse' is not supported by LLMux, ignored",
+    )
+    config = parse_config("litellm_settings:\n  success_callback: [langfuse]\n")
+    assert not config.settings.tracing.enabled
 
 
 def test_headers_are_not_in_the_repr() -> None:

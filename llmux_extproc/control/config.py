@@ -279,6 +279,51 @@ VERTEX_ALIASES = {
     "vertex_ai_location": "vertex_location",
     "vertex_ai_credentials": "vertex_credentials",
 }
+# general_settings and litellm_settings keys LLMux reads; any other key LiteLLM users
+# write there (alerting, callbacks, caching, ...) is a warning naming it.
+GENERAL_KEYS = {
+    "master_key",
+    "database_url",
+    "user_api_key_cache_ttl",
+    "disable_prisma_schema_update",
+}
+# Router settings LiteLLM also reads from litellm_settings (setting() in _parse_router).
+LITELLM_ROUTER_KEYS = {
+    "num_retries",
+    "timeout",
+    "request_timeout",
+    "stream_timeout",
+    "fallbacks",
+    "context_window_fallbacks",
+    "content_policy_fallbacks",
+    "default_fallbacks",
+    "allowed_fails",
+    "cooldown_time",
+    "disable_cooldowns",
+}
+# callbacks / success_callback: "otel" turns tracing on (LiteLLM's way); any other
+# callback name is a warning naming it (_with_observability).
+LITELLM_KEYS = {"drop_params", "callbacks", "success_callback", *LITELLM_ROUTER_KEYS}
+# The `llmux:` section (docs/configuration.md lists each; a test holds them to it).
+LLMUX_KEYS = {
+    "listen",
+    "admin",
+    "metrics",
+    "workers",
+    "runtime_dir",
+    "request_timeout",
+    "stream_idle_timeout",
+    "stream_accounting",
+    "connect_timeout",
+    "max_request_body_bytes",
+    "max_response_body_bytes",
+    "access_log",
+    "reload_poll_interval",
+    "drain_timeout",
+    "circuit_breaker",
+    "tracing",
+    "log_level",
+}
 KNOWN_SECTIONS = {
     "model_list",
     "router_settings",
@@ -343,6 +388,14 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     router = _mapping(raw.get("router_settings"), "router_settings")
     litellm = _mapping(raw.get("litellm_settings"), "litellm_settings")
 
+    for section, table, known in (
+        ("general_settings", general, GENERAL_KEYS),
+        ("litellm_settings", litellm, LITELLM_KEYS),
+    ):
+        warnings.extend(
+            f"{section}.{key}: not supported by LLMux, ignored"
+            for key in sorted(set(table) - known)
+        )
     router_settings = _parse_router(router, litellm, warnings)
 
     master_key = general.get("master_key")
@@ -645,28 +698,9 @@ def _check_host(host: str, api_base: str, where: str) -> None:
 
 
 def _parse_settings(raw: dict[str, Any]) -> Settings:
-    known = {
-        "listen",
-        "admin",
-        "metrics",
-        "workers",
-        "runtime_dir",
-        "request_timeout",
-        "stream_idle_timeout",
-        "stream_accounting",
-        "connect_timeout",
-        "max_request_body_bytes",
-        "max_response_body_bytes",
-        "access_log",
-        "reload_poll_interval",
-        "drain_timeout",
-        "circuit_breaker",
-        "tracing",
-        "log_level",
-    }
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - LLMUX_KEYS)
     if unknown:
-        raise ConfigError(f"llmux: unknown setting(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"llmux: unknown setting(s) {unknown}; known: {sorted(LLMUX_KEYS)}")
     workers = _int(raw.get("workers", 1), "llmux.workers")
     if not 1 <= workers <= 64:
         raise ConfigError("llmux.workers: must be between 1 and 64")
@@ -713,10 +747,16 @@ def _with_observability(
     callbacks: list[Any] = []
     for key in ("callbacks", "success_callback"):
         value = litellm.get(key) or []
-        callbacks += value if isinstance(value, list) else [value]
-    for name in dict.fromkeys(callbacks):
-        if name not in ("otel", "prometheus"):  # metrics are always on
-            warnings.append(f"litellm_settings.callbacks: {name!r} is not supported, ignored")
+        names = value if isinstance(value, list) else [value]
+        callbacks += names
+        if names and "otel" not in names:
+            warnings.append(f"litellm_settings.{key}: not supported by LLMux, ignored")
+            continue
+        for name in dict.fromkeys(names):
+            if name not in ("otel", "prometheus"):  # metrics are always on
+                warnings.append(
+                    f"litellm_settings.{key}: {name!r} is not supported by LLMux, ignored"
+                )
     try:
         tracing = parse_tracing(
             _mapping(llmux.get("tracing"), "llmux.tracing"), callbacks, env, warnings

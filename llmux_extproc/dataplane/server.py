@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -76,7 +77,27 @@ def grpc_options() -> list[tuple[str, int]]:
     ]
 
 
-async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """PEM files for the processor's gRPC listener (the mesh shape, across the network);
+    with `client_ca`, only clients with a certificate it signed get through (mTLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        ca = self.client_ca.read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+
+
+async def serve(
+    config_path: str | None, address: str, *, watch: bool, tls: ServerTls | None = None
+) -> None:
     config = load_config(config_path)
     logs.apply_levels(config.settings.log_levels)
     gateway = Gateway(config)
@@ -106,7 +127,10 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
     # streams only to those that answer SERVING.
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    server.add_insecure_port(address)
+    if tls is None:
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, tls.credentials())
     await server.start()
     if _needs_tokenizer(config):
         # Loading takes a few hundred ms and ~100 MB: only when this config will count with
@@ -148,7 +172,9 @@ async def serve(config_path: str | None, address: str, *, watch: bool) -> None:
         await gateway.keys.close()
 
 
-def run_worker(config_path: str | None, address: str, *, watch: bool) -> None:
+def run_worker(
+    config_path: str | None, address: str, *, watch: bool, tls: ServerTls | None = None
+) -> None:
     if address.startswith("unix:"):
         Path(address[5:]).unlink(missing_ok=True)  # a stale socket from a killed worker
-    uvloop.run(serve(config_path, address, watch=watch))
+    uvloop.run(serve(config_path, address, watch=watch, tls=tls))
