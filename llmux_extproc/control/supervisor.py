@@ -470,6 +470,7 @@ class Supervisor:
         metrics.CONFIG_RELOADS.labels("success").inc()
         for warning in new.warnings:
             log.warning("config: %s", warning)
+        logs.apply_levels(new.settings.log_levels)
         log.info("config reloaded: %d deployments", len(new.deployments))
         # Requests already routed to a removed cluster finish; new ones no longer go there.
         await asyncio.sleep(2)
