@@ -128,9 +128,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--off-only", action="store_true", help="for a checkout without tracing")
     parser.add_argument("--e2e", action="store_true", help="a real gateway, /proc CPU ticks")
+    parser.add_argument("--protocol", default="grpc", help="--e2e: grpc or http/protobuf")
     args = parser.parse_args()
     if args.e2e:
-        e2e(args.n, args.rounds)
+        e2e(args.n, args.rounds, args.protocol)
         return
     root = str(Path(__file__).resolve().parent.parent)
     from tests.harness import free_port
@@ -158,7 +159,7 @@ def main() -> None:
         receiver.wait()
 
 
-def e2e(n: int, rounds: int) -> None:
+def e2e(n: int, rounds: int, protocol: str = "grpc") -> None:
     """CPU per request of the whole gateway (Envoy, workers, supervisor: /proc ticks of
     `llmux run` and its children) for passed-through answers, tracing off and on."""
     import tempfile
@@ -181,6 +182,12 @@ def e2e(n: int, rounds: int) -> None:
         text=True,
     )
     upstream = MockUpstream(answer).start()  # type: ignore[arg-type]
+    from tests.otlp_receiver import Collector, http_receiver
+
+    http = http_receiver(Collector()).start()
+    endpoint = f"http://127.0.0.1:{port}"
+    if protocol != "grpc":
+        endpoint = f"{http.base_url}/v1/traces"
     try:
         assert receiver.stdout is not None and receiver.stdout.readline().strip() == "ready"
         for _ in range(rounds):
@@ -201,7 +208,11 @@ def e2e(n: int, rounds: int) -> None:
                 if traced:
                     config["llmux"] = {
                         "access_log": "off",
-                        "tracing": {"enabled": True, "endpoint": f"http://127.0.0.1:{port}"},
+                        "tracing": {
+                            "enabled": True,
+                            "endpoint": endpoint,
+                            "protocol": protocol,
+                        },
                     }
                 with (
                     tempfile.TemporaryDirectory() as tmp,
@@ -249,6 +260,7 @@ def e2e(n: int, rounds: int) -> None:
                 )
     finally:
         upstream.stop()
+        http.stop()
         receiver.terminate()
         receiver.wait()
 
