@@ -196,3 +196,47 @@ def test_gateway_output_is_json_lines_only_with_trace_ids_in_the_access_log(
     access = next(p for p in parsed if p.get("request_id") == request_id)
     assert access["trace_id"] == trace_id
     assert isinstance(access["span_id"], str) and len(access["span_id"]) == 16
+
+
+async def test_the_processor_sets_the_attempts_trace_ids_for_its_log_lines(
+    captured: io.StringIO,
+) -> None:
+    """What the processor logs while it handles an attempt names that attempt's trace."""
+    import asyncio
+
+    from bench.tracing_cost import messages
+    from llmux_extproc.dataplane import extproc
+    from llmux_extproc.dataplane.gateway import Gateway
+    from llmux_extproc.observability.tracing import WorkerTracer
+
+    config = parse_config(
+        "model_list:\n  - model_name: gpt-test\n    litellm_params: {model: openai/gpt-4o,"
+        " api_base: 'http://127.0.0.1:9/v1', api_key: sk-x}\n    model_info: {id: dep1}\n"
+        "llmux:\n  tracing: {enabled: true, endpoint: 'http://127.0.0.1:9', export_timeout: 0.5}\n"
+    )
+    gateway = Gateway(config)
+    gateway.tracer = WorkerTracer(config.settings.tracing)
+    on_headers = gateway.on_headers
+
+    def logging_on_headers(*args: Any) -> Any:
+        logging.getLogger("llmux.extproc").warning("authenticating")
+        return on_headers(*args)
+
+    gateway.on_headers = logging_on_headers  # type: ignore[method-assign,assignment]
+
+    async def attempt() -> None:
+        stream = extproc._HttpStream(gateway)
+        for message in messages(trace=True):
+            await stream.handle(message)
+        stream.abandon()
+
+    try:
+        await asyncio.create_task(attempt())  # its own task, as each gRPC stream is
+        logging.getLogger("llmux.extproc").warning("outside any attempt")
+    finally:
+        gateway.tracer.shutdown()
+    inside, outside = lines(captured)
+    # bench.tracing_cost's traceparent: trace 0af7..., Envoy's attempt span b7ad...
+    assert inside["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert inside["span_id"] == "b7ad6b7169203331"
+    assert "trace_id" not in outside
