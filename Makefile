@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?=
 
-.PHONY: run test lint unit e2e bench bench-compare refresh-data clean
+.PHONY: run test lint system dashboard unit e2e bench bench-compare refresh-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+test: lint system
 	$(BIN)/pytest -q
+
+# System packages pip cannot install (Debian's prometheus, for the dashboard's e2e test).
+system:
+	bash scripts/setup-system.sh
+
+# deploy/grafana/llmux.json and deploy/prometheus/llmux-rules.yml from deploy/dashboard.py.
+dashboard: $(STAMP)
+	$(BIN)/python -m deploy.dashboard
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

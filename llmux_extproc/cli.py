@@ -9,10 +9,17 @@ from pathlib import Path
 import yaml
 
 from llmux_extproc.control.config import Config, ConfigError, load_config
+from llmux_extproc.observability import redact
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
 def _setup_logging() -> None:
-    # JSON lines (observability/logs.py); the config's llmux.log_level applies once read.
+    """Every LLMux process (supervisor, workers, commands) logs through this: one JSON
+    object per line (observability/logs.py), its message and traceback redacted (keys,
+    tokens, emails, phone and card numbers) as it is written. The few lines commands print
+    (config errors and warnings, which quote config values) are redacted the same way; the
+    config's llmux.log_level applies once it is read."""
     from llmux_extproc.observability.logs import setup_logging
 
     setup_logging()
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(_dispatch(args))
     except ConfigError as exc:
-        print(f"llmux: invalid config: {exc}", file=sys.stderr)
+        print(redact.redact(f"llmux: invalid config: {exc}"), file=sys.stderr)
         sys.exit(2)
 
 
@@ -94,7 +101,7 @@ def _envoy_verdict(config: Config) -> str | None:
         try:
             return envoy_rejects(doc, Path(tmp))
         except EnvoyNotFound as exc:
-            print(f"warning: not checked against Envoy: {exc}")
+            print(redact.redact(f"warning: not checked against Envoy: {exc}"))
             return None
 
 
@@ -106,10 +113,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check-config":
         config = load_config(args.config)
         for warning in config.warnings:
-            print(f"warning: {warning}")
+            print(redact.redact(f"warning: {warning}"))
         rejected = _envoy_verdict(config)
         if rejected:
-            print(f"llmux: invalid config: Envoy rejects it: {rejected}", file=sys.stderr)
+            print(
+                redact.redact(f"llmux: invalid config: Envoy rejects it: {rejected}"),
+                file=sys.stderr,
+            )
             return 2
         print(f"ok: {len(config.deployments)} deployments, models: {', '.join(config.model_names)}")
         return 0
@@ -161,7 +171,7 @@ def _migrate(config_path: str | None) -> int:
     try:
         applied = migrate(config.database_url)
     except MigrationError as exc:
-        print(f"llmux: {exc}", file=sys.stderr)
+        print(redact.redact(f"llmux: {exc}"), file=sys.stderr)
         return 1
     print(f"applied: {', '.join(applied)}" if applied else "database schema up to date")
     return 0

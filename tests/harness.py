@@ -180,7 +180,8 @@ class Gateway:
         return str(self.log_path.read_text(errors="replace"))
 
     def metrics(self) -> str:
-        return httpx.get(f"{self.base_url}/metrics", timeout=5).text
+        # The metrics address, not the listener: there /metrics needs the master key.
+        return httpx.get(f"http://{self.settings['metrics']}/metrics", timeout=5).text
 
     def metrics_when(self, ready: Callable[[str], bool], timeout: float = 5) -> str:
         """/metrics once `ready` holds: answers Envoy passes on by itself are accounted when

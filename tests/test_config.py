@@ -406,11 +406,14 @@ general_settings:
 litellm_settings:
   drop_params: true
   num_retries: 2
-  success_callback: [langfuse]
+  success_callback: [langfuse, prometheus]
+  set_verbose: true
 """
     )
     assert sorted(config.warnings) == [
         "general_settings.alerting: not supported by LLMux, ignored",
-        "litellm_settings.success_callback: not supported by LLMux, ignored",
+        "litellm_settings.set_verbose: not supported by LLMux, ignored",
+        "litellm_settings.success_callback: 'langfuse' not supported by LLMux, ignored",
     ]
+    assert config.litellm_metrics  # prometheus is honoured
     assert config.router.num_retries == 2  # read from litellm_settings, as LiteLLM does

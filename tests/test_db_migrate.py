@@ -24,6 +24,8 @@ SHARED_TABLES = (
     "LiteLLM_SpendLogs",
     "LiteLLM_DailyUserSpend",
     "LiteLLM_DailyTeamSpend",
+    "LiteLLM_DeletedVerificationToken",
+    "LiteLLM_DeletedTeamTable",
 )
 
 

@@ -164,18 +164,24 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     names = [f["name"] for f in hcm["http_filters"]]
     # No downstream processor: the processor runs per attempt on the group clusters.
     assert "envoy.filters.http.ext_proc" not in names
-    assert names[-7:] == [
-        "envoy.filters.http.header_mutation",
+    # Client-sent x-llmux-* headers go first, before anything reads headers or routes.
+    assert names[0] == "envoy.filters.http.header_mutation"
+    assert names[-8:] == [
+        # Before everything that reads the body (issue 10: gzip bodies are decompressed).
+        "envoy.filters.http.decompressor",
         "envoy.filters.http.header_to_metadata",
         "envoy.filters.http.json_to_metadata",
+        envoy_routing.ALIAS_FILTER,
         envoy_routing.PROMPT_FILTER,
         "envoy.filters.http.lua",
         "envoy.filters.http.sse_to_metadata",
         "envoy.filters.http.router",
     ]
     mutations = hcm["http_filters"][names.index("envoy.filters.http.header_mutation")]
-    removed = {m["remove"] for m in mutations["typed_config"]["mutations"]["request_mutations"]}
-    assert {envoy_routing.RETRY_HEADER, envoy_routing.MARKS_HEADER} <= removed
+    (removed,) = mutations["typed_config"]["mutations"]["request_mutations"]
+    assert removed == {"remove_on_match": {"key_matcher": {"prefix": "x-llmux-"}}}
+    assert envoy_routing.RETRY_HEADER.startswith("x-llmux-")
+    assert envoy_routing.MARKS_HEADER.startswith("x-llmux-")
     keys = hcm["http_filters"][names.index("envoy.filters.http.header_to_metadata")]
     rules = {r["header"]: r for r in keys["typed_config"]["request_rules"]}
     # Client keys leave the request (kept in metadata for every attempt); the path stays.
@@ -190,6 +196,9 @@ def test_listener_filters_and_routes(tmp_path: Path) -> None:
     routes = route_config["virtual_hosts"][0]["routes"]
     # Per group: the streamed route (idle timeout; the prompt kept) first, then the
     # whole-answer one, which pays for no Lua on its way in.
+    # First of all: a body in an encoding Envoy did not undo is refused (415).
+    assert routes[0]["direct_response"]["status"] == 415
+    routes = routes[1:]
     assert routes[0]["route"]["idle_timeout"] == "60.000s"
     assert envoy_routing.PROMPT_FILTER in routes[0]["typed_per_filter_config"]
     assert "typed_per_filter_config" not in routes[1]

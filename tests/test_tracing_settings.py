@@ -115,7 +115,7 @@ def test_config_errors_and_callbacks_warnings_in_parse_config() -> None:
     config = parse_config("litellm_settings:\n  callbacks: [otel, langfuse]\n")
     assert config.settings.tracing.enabled
     assert config.warnings == (
-        "litellm_settings.callbacks: 'langfuse' is not supported by LLMux, ignored",
+        "litellm_settings.callbacks: 'langfuse' not supported by LLMux, ignored",
     )
     config = parse_config("litellm_settings:\n  success_callback: [langfuse]\n")
     assert not config.settings.tracing.enabled

@@ -8,6 +8,7 @@ as warnings, never silently treated as honoured.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -126,6 +127,12 @@ class Settings:
     tracing: TracingSettings = field(default_factory=TracingSettings)
     # llmux.log_level: (component, level) pairs, "default" first (observability/logs.py).
     log_levels: tuple[tuple[str, str], ...] = ()
+    # /metrics on the public listener: "auth" (the master key, when one is set), "open"
+    # (anyone, LiteLLM's default) or "off" (only at `metrics`). Spend by team and model is
+    # not for every caller to read.
+    listener_metrics: str = "auth"
+    # Spend log rows a worker holds while PostgreSQL is unreachable; more are dropped.
+    spend_log_queue: int = 50_000
 
 
 # LiteLLM's retry_policy classes, and the statuses each stands for. A class set to 0 is
@@ -205,6 +212,13 @@ class Config:
     # Apply LLMux's migrations at `llmux run` start (LiteLLM: disable_prisma_schema_update,
     # DISABLE_SCHEMA_UPDATE turn it off).
     schema_update: bool = True
+    # LiteLLM's Prometheus callback (`litellm_settings.callbacks: ["prometheus"]`): also
+    # export LiteLLM's metric names and labels (observability/metrics.py).
+    litellm_metrics: bool = False
+    # LiteLLM's litellm_settings.turn_off_message_logging, inverted, and off unless that is
+    # explicitly false: whether log lines may carry what providers say about a request
+    # (their error messages echo prompts). Redaction applies either way.
+    message_logging: bool = False
 
     @property
     def routing_strategy(self) -> str:
@@ -301,9 +315,18 @@ LITELLM_ROUTER_KEYS = {
     "cooldown_time",
     "disable_cooldowns",
 }
-# callbacks / success_callback: "otel" turns tracing on (LiteLLM's way); any other
-# callback name is a warning naming it (_with_observability).
-LITELLM_KEYS = {"drop_params", "callbacks", "success_callback", *LITELLM_ROUTER_KEYS}
+CALLBACK_KEYS = ("callbacks", "success_callback", "failure_callback")
+# Callback names LLMux honours; any other name in those lists is a warning naming it.
+# "otel" turns tracing on (LiteLLM's way of asking for OpenTelemetry).
+SUPPORTED_CALLBACKS = {"prometheus", "otel"}
+LITELLM_KEYS = {
+    "drop_params",
+    # Secrets and privacy (README): /metrics on the listener, provider messages in the log.
+    "require_auth_for_metrics_endpoint",
+    "turn_off_message_logging",
+    *CALLBACK_KEYS,
+    *LITELLM_ROUTER_KEYS,
+}
 # The `llmux:` section (docs/configuration.md lists each; a test holds them to it).
 LLMUX_KEYS = {
     "listen",
@@ -323,6 +346,8 @@ LLMUX_KEYS = {
     "circuit_breaker",
     "tracing",
     "log_level",
+    "listener_metrics",
+    "spend_log_queue",
 }
 KNOWN_SECTIONS = {
     "model_list",
@@ -396,6 +421,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
             f"{section}.{key}: not supported by LLMux, ignored"
             for key in sorted(set(table) - known)
         )
+    for key in CALLBACK_KEYS:
+        names = litellm.get(key) or []
+        warnings.extend(
+            f"litellm_settings.{key}: {name!r} not supported by LLMux, ignored"
+            for name in ([names] if isinstance(names, str) else names)
+            if name not in SUPPORTED_CALLBACKS
+        )
     router_settings = _parse_router(router, litellm, warnings)
 
     master_key = general.get("master_key")
@@ -422,7 +454,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 
     llmux_raw = _mapping(raw.get("llmux"), "llmux")
     settings = _parse_settings(llmux_raw)
+    settings = _listener_metrics(settings, raw.get("llmux") or {}, litellm)
     settings = _with_observability(settings, llmux_raw, litellm, env, warnings)
+    message_logging = litellm.get("turn_off_message_logging", True) is False
     model_list = raw.get("model_list") or []
     if not isinstance(model_list, list):
         raise ConfigError("model_list: must be a list")
@@ -458,7 +492,40 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         database_url=database_url,
         key_cache_ttl_s=key_cache_ttl,
         schema_update=schema_update,
+        litellm_metrics=prometheus_callback(litellm),
+        message_logging=message_logging,
     )
+
+
+LISTENER_METRICS = ("auth", "open", "off")
+
+
+def _listener_metrics(settings: Settings, raw: dict[str, Any], litellm: dict[str, Any]) -> Settings:
+    """llmux.listener_metrics, else LiteLLM's require_auth_for_metrics_endpoint (false:
+    open), else "auth"."""
+    if "listener_metrics" in raw:
+        given = raw["listener_metrics"]
+        # YAML 1.1 reads a bare `off` as false.
+        value = _choice(
+            "off" if given is False else given, "llmux.listener_metrics", LISTENER_METRICS
+        )
+    elif litellm.get("require_auth_for_metrics_endpoint") is False:
+        value = "open"
+    else:
+        value = "auth"
+    return dataclasses.replace(settings, listener_metrics=value)
+
+
+def prometheus_callback(litellm: dict[str, Any]) -> bool:
+    """Whether litellm_settings asks for LiteLLM's Prometheus metrics, in any of the lists
+    LiteLLM reads callbacks from."""
+    for key in CALLBACK_KEYS:
+        names = litellm.get(key) or []
+        if isinstance(names, str):
+            names = [names]
+        if isinstance(names, list) and "prometheus" in names:
+            return True
+    return False
 
 
 def _parse_deployment(
@@ -733,6 +800,7 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         reload_poll_s=_positive(raw.get("reload_poll_interval", 1.0), "llmux.reload_poll_interval"),
         drain_timeout_s=_positive(raw.get("drain_timeout", 60), "llmux.drain_timeout"),
         breaker=_breaker(_mapping(raw.get("circuit_breaker"), "llmux.circuit_breaker")),
+        spend_log_queue=_spend_log_queue(raw.get("spend_log_queue", 50_000)),
     )
 
 
@@ -744,19 +812,10 @@ def _with_observability(
     warnings: list[str],
 ) -> Settings:
     """llmux.tracing (or LiteLLM's callbacks: ["otel"]) and llmux.log_level."""
-    callbacks: list[Any] = []
-    for key in ("callbacks", "success_callback"):
+    callbacks: list[Any] = []  # names other than otel and prometheus are warned about above
+    for key in CALLBACK_KEYS:
         value = litellm.get(key) or []
-        names = value if isinstance(value, list) else [value]
-        callbacks += names
-        if names and "otel" not in names:
-            warnings.append(f"litellm_settings.{key}: not supported by LLMux, ignored")
-            continue
-        for name in dict.fromkeys(names):
-            if name not in ("otel", "prometheus"):  # metrics are always on
-                warnings.append(
-                    f"litellm_settings.{key}: {name!r} is not supported by LLMux, ignored"
-                )
+        callbacks += value if isinstance(value, list) else [value]
     try:
         tracing = parse_tracing(
             _mapping(llmux.get("tracing"), "llmux.tracing"), callbacks, env, warnings
@@ -765,6 +824,13 @@ def _with_observability(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     return replace(settings, tracing=tracing, log_levels=levels)
+
+
+def _spend_log_queue(value: Any) -> int:
+    size = _int(value, "llmux.spend_log_queue")
+    if size < 1:
+        raise ConfigError("llmux.spend_log_queue: must be at least 1 (rows per worker)")
+    return size
 
 
 def _access_log(value: Any) -> str:

@@ -119,6 +119,15 @@ class ControlPlane:
         # Strategies whose weights move with outcomes (latency, usage) need the loop to look.
         self._weighs = self._observe is not None or self._observe_request is not None
         self._attempts: dict[tuple[str, str], Any] = {}
+        # LiteLLM's deployment metrics, when the config asks for them: labels per
+        # deployment, the children per (deployment, status) as they are met.
+        from llmux_extproc.observability import metrics
+
+        self._litellm = config.litellm_metrics
+        self._dep_labels = {
+            d.id: (*metrics.deployment_labels(d), d.model_name) for d in config.deployments
+        }
+        self._litellm_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._transition = False
         self._limits = {d.id: (d.rpm, d.tpm) for d in config.deployments}
         self.infos = {name: deployment_infos(config, name) for name in config.model_names}
@@ -143,11 +152,13 @@ class ControlPlane:
 
             counter = self._attempts[(dep, kind)] = metrics.ATTEMPTS.labels(dep, kind)
         counter.inc()
+        if self._litellm:
+            self._litellm_attempt(dep, outcome.status)
         before = self.health.state(dep).status
         lines = self.health.record(outcome)
         for line in lines:
             log.warning("%s", line)
-        self._count_transition(dep, before)
+        self._count_transition(dep, before, outcome.status)
         if self._observe is not None:
             self._observe(outcome)
         if self._observe_request is not None:
@@ -180,7 +191,23 @@ class ControlPlane:
         for dep, status in before.items():
             self._count_transition(dep, status)
 
-    def _count_transition(self, dep: str, before: str) -> None:
+    def _litellm_attempt(self, dep: str, status: int) -> None:
+        children = self._litellm_children.get((dep, status))
+        if children is None:
+            from llmux_extproc.observability import metrics
+
+            labels = self._dep_labels[dep]
+            outcome = (
+                metrics.LITELLM_DEPLOYMENT_SUCCESS.labels(*labels)
+                if 200 <= status < 400
+                else metrics.LITELLM_DEPLOYMENT_FAILURE.labels(*labels, str(status))
+            )
+            children = (metrics.LITELLM_DEPLOYMENT_REQUESTS.labels(*labels), outcome)
+            self._litellm_children[(dep, status)] = children
+        for child in children:
+            child.inc()
+
+    def _count_transition(self, dep: str, before: str, status: int | None = None) -> None:
         from llmux_extproc.observability import metrics
 
         after = self.health.state(dep).status
@@ -188,6 +215,9 @@ class ControlPlane:
             return
         if after == "cooldown":
             metrics.COOLDOWNS.labels(dep).inc()
+            if self._litellm:
+                labels = self._dep_labels[dep][:4]
+                metrics.LITELLM_DEPLOYMENT_COOLED_DOWN.labels(*labels, str(status or 0)).inc()
         elif after in ("open", "half_open") or before in ("open", "half_open"):
             metrics.BREAKER.labels(dep, "closed" if after == "healthy" else after).inc()
 
@@ -274,6 +304,9 @@ class ControlPlane:
         for dep_id, st in states.items():
             value = STATE_VALUES[st["state"]]
             metrics.DEPLOYMENT_STATE.labels(dep_id, st["model_name"]).set(value)
+            if self._litellm:
+                labels = self._dep_labels[dep_id][:4]
+                metrics.LITELLM_DEPLOYMENT_STATE.labels(*labels).set(value)
 
     def _names(self) -> set[str]:
         """Provider hosts given by name (resolved here; IPs need nothing)."""
@@ -354,7 +387,11 @@ def outcome_from_entry(entry: Any) -> tuple[Outcome, str] | None:
         return None
     priority, _, dep_id = tag.partition("|")
     kind = "fallback" if priority not in ("", "0") else "first"
-    if kind == "first" and common.upstream_request_attempt_count > 1:
+    attempt = common.upstream_request_attempt_count
+    if attempt <= 1:  # Envoy 1.40's upstream log: see the llmux_attempt tag (envoy_config.py)
+        header = common.custom_tags.get("llmux_attempt", "")
+        attempt = int(header) if header.isdigit() else 1
+    if kind == "first" and attempt > 1:
         kind = "retry"
     if flags.upstream_request_timeout or flags.upstream_connection_failure:
         status = 0

@@ -17,7 +17,8 @@ from typing import Any
 
 from llmux_extproc.control import envoy_routing, envoy_tracing
 from llmux_extproc.control.config import Config, Listen
-from llmux_extproc.control.envoy_routing import EXTPROC_CLUSTER, MARKS_HEADER, RETRY_HEADER
+from llmux_extproc.control.envoy_routing import EXTPROC_CLUSTER, RETRY_HEADER
+from llmux_extproc.db import management
 from llmux_extproc.errors import error_type
 
 METRICS_CLUSTER = "llmux_metrics"
@@ -35,8 +36,10 @@ ACCESS_LOG_NAME = "llmux-streams"
 HEALTH_CHECK_INTERVAL_S = 0.5  # Envoy's gRPC health checks of each ext_proc worker
 # Set to 100 through Envoy's admin runtime while `llmux run` drains: new requests get 503.
 DRAINING_RUNTIME_KEY = "llmux.draining"
-READY_PATHS = "^/health/(ready|readiness)$"
-STILL_SERVED_WHILE_DRAINING = "^/(health/live|health/liveliness|metrics)$"
+# Matched against `:path`, which holds the query: `/health/readiness?x=1` skipped the
+# readiness check and got the route's unconditional 200 while no worker was up.
+READY_PATHS = r"^/health/(ready|readiness)(\?.*)?$"
+STILL_SERVED_WHILE_DRAINING = r"^/(health/live|health/liveliness|metrics)(\?.*)?$"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 _TYPE = "@type"
@@ -102,7 +105,7 @@ def cds_document(clusters: list[dict[str, Any]], version: str) -> dict[str, Any]
 
 
 def rds_document(config: Config, version: str) -> dict[str, Any]:
-    route = envoy_routing.route_configuration(config, _extra_routes())
+    route = envoy_routing.route_configuration(config, _extra_routes(config))
     return {
         "version_info": version,
         "resources": [{_TYPE: _T + "envoy.config.route.v3.RouteConfiguration", **route}],
@@ -340,6 +343,13 @@ def _attempt_logger(flush_interval: str, expression: str) -> dict[str, Any]:
                             },
                         },
                     },
+                    # The router's upstream log leaves upstream_request_attempt_count at 1
+                    # for every attempt (seen: 72 attempts of 24 requests, all "first");
+                    # the attempt header the router sets per try is right.
+                    {
+                        "tag": "llmux_attempt",
+                        "request_header": {"name": "x-envoy-attempt-count"},
+                    },
                 ],
             },
             "additional_response_headers_to_log": ["retry-after"],
@@ -361,10 +371,30 @@ def _metrics_cluster(config: Config) -> dict[str, Any]:
     }
 
 
-_INTERNAL_HEADERS = (RETRY_HEADER, MARKS_HEADER, "x-llmux-cluster", "x-llmux-stream")
+# What the access log says for the path of a request on a path LLMux does not serve.
+UNLOGGED_PATH = "(a path LLMux does not serve; not logged)"
+# Every request header LLMux uses internally starts with it; clients may send none.
+INTERNAL_HEADER_PREFIX = "x-llmux-"
 
 
-def _extra_routes() -> list[dict[str, Any]]:
+def _internal_headers_filter() -> dict[str, Any]:
+    """Internal headers are LLMux's alone: every client-sent `x-llmux-*` header (not only
+    the ones in use today) is removed by the first filter, before anything reads the
+    headers or matches a route, and the processor's retry marker never reaches a client."""
+    prefix = {"key_matcher": {"prefix": INTERNAL_HEADER_PREFIX}}
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {
+                "request_mutations": [{"remove_on_match": prefix}],
+                "response_mutations": [{"remove": RETRY_HEADER}],
+            },
+        },
+    }
+
+
+def _extra_routes(config: Config) -> list[dict[str, Any]]:
     """Routes beside the API's: health, metrics, the management API."""
     json_ct = [{"header": {"key": "content-type", "value": "application/json"}}]
     table: list[dict[str, Any]] = [
@@ -393,15 +423,47 @@ def _extra_routes() -> list[dict[str, Any]]:
     )
     # LiteLLM's key and team management API: answered by the processor (behind the master
     # key) from PostgreSQL, GET and POST alike.
-    for prefix in ("/key/", "/team/"):
+    # Its paths one by one: what is left under the prefixes is not LLMux's.
+    for path in sorted(management.PATHS):
         table.append(
             {
-                "match": {"prefix": prefix},
+                "match": {"path": path},
                 "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "30s"},
             }
         )
-    table.append({"match": {"path": "/metrics"}, "route": {"cluster": METRICS_CLUSTER}})
+    for prefix in ("/key/", "/team/"):
+        table.append(
+            # Paths not listed, and LiteLLM's `/key/{key}/regenerate` (the processor serves
+            # it): their paths may hold a key, so the access log leaves them out.
+            envoy_routing.opaque_route(
+                {
+                    "match": {"prefix": prefix},
+                    "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "30s"},
+                }
+            )
+        )
+    table.extend(_metrics_routes(config))
     return table
+
+
+def _metrics_routes(config: Config) -> list[dict[str, Any]]:
+    """/metrics on the public listener (llmux.listener_metrics): "auth" sends GETs to the
+    processor, which asks for the master key (when one is set) and answers with the same
+    figures as `llmux.metrics`; "open" is Envoy straight to the metrics server; "off"
+    leaves it to the catch-all 404. The master key stays out of Envoy's config (an exact
+    header match would put it in /config_dump)."""
+    mode = config.settings.listener_metrics
+    if mode == "open":
+        return [{"match": {"path": "/metrics"}, "route": {"cluster": METRICS_CLUSTER}}]
+    if mode == "off":
+        return []
+    get = [{"name": ":method", "string_match": {"exact": "GET"}}]
+    return [
+        {
+            "match": {"path": "/metrics", "headers": get},
+            "route": {"cluster": envoy_routing.LOCAL_CLUSTER, "timeout": "10s"},
+        }
+    ]
 
 
 def _local_reply_config() -> dict[str, Any]:
@@ -461,6 +523,169 @@ def _local_reply_config() -> dict[str, Any]:
     return {"mappers": mappers}
 
 
+# Envoy's replies to requests it cannot take as HTTP (its codec's and the connection
+# manager's checks, before any route or filter). Spike (raw sockets, Envoy 1.40): they carry
+# the DPE flag only after the reply is built, so the flag-based mappers above never see them;
+# their response code details (`http1.codec_error`, `low_version`, ...) tell them apart.
+# Each detail gets a message saying what was wrong; any other such reply keeps Envoy's
+# status with Envoy's words and the detail. Limits quoted are Envoy's defaults
+# (max_request_headers_kb 60, max_headers_count 100), measured: a 70,000-byte header and 150
+# headers got 431, a 16 KB path was served.
+PROTOCOL_ERRORS: dict[str, tuple[int, str]] = {
+    "missing_host_header": (400, "The request has no Host header; HTTP/1.1 requires one."),
+    "path_normalization_failed": (
+        400,
+        "The request path is not valid: it contains a '#' fragment or an invalid escape.",
+    ),
+    "low_version": (
+        426,
+        "This HTTP version is not accepted (HTTP/1.0 and 0.9 are refused); LLMux speaks "
+        "HTTP/1.1 and HTTP/2.",
+    ),
+    "http1.headers_too_large": (
+        431,
+        "The request line and headers are larger than 60 KiB; the URL may be too long.",
+    ),
+    "http1.too_many_headers": (431, "The request has more than 100 headers."),
+    "http1.invalid_characters": (400, "A header name or value contains characters HTTP forbids."),
+    "http1.content_length_and_chunked_not_allowed": (
+        400,
+        "The request has both Content-Length and Transfer-Encoding: chunked.",
+    ),
+    "http1.invalid_transfer_encoding": (
+        501,
+        "Transfer-Encoding other than chunked is not supported.",
+    ),
+    "http1.codec_error": (
+        400,
+        "Malformed HTTP/1.1 request (request line, header syntax, Content-Length or chunk "
+        "framing).",
+    ),
+    "request_payload_too_large": (
+        413,
+        "Request body is larger than llmux.max_request_body_bytes.",
+    ),
+    "absolute_path_rejected": (404, "The request target must be a path starting with '/'."),
+    "upgrade_failed": (
+        403,
+        "Connection upgrades and tunnels (WebSocket, CONNECT) are not supported.",
+    ),
+}
+# Statuses Envoy answers itself before routing; any reply with one of them that neither the
+# processor (details `llmux`) nor a route (`direct_response`, already OpenAI-shaped) made
+# is Envoy's and gets the shape too. 5xx other than 501 stay with the mappers above (the
+# health check filter's 503 is plain on purpose: probes read the status only).
+_PROTOCOL_STATUSES = (400, 403, 404, 405, 411, 414, 415, 426, 431, 501)
+_NOT_OURS_DETAILS = "!(response.code_details in ['llmux', 'direct_response', 'via_upstream'])"
+
+
+def _cel(expression: str) -> dict[str, Any]:
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                _TYPE: _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }
+    }
+
+
+def _status_is(status: int) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": "EQ",
+                "value": {
+                    "default_value": status,
+                    "runtime_key": f"llmux.local_reply.protocol.{status}",
+                },
+            }
+        }
+    }
+
+
+def _openai_error_format(status: int, message: str) -> dict[str, Any]:
+    return {
+        "json_format": {
+            "error": {
+                "message": message,
+                "type": error_type(status),
+                "param": None,
+                "code": str(status),
+            }
+        },
+        "content_type": "application/json",
+    }
+
+
+def _protocol_error_mappers() -> list[dict[str, Any]]:
+    """OpenAI-shaped bodies for Envoy's replies to malformed HTTP (see PROTOCOL_ERRORS)."""
+    # The status is compared first, so the processor's immediate answers (the mock's 200s
+    # among them) pass these mappers without a CEL evaluation.
+    mappers: list[dict[str, Any]] = []
+    for detail, (status, message) in PROTOCOL_ERRORS.items():
+        cel = _cel(f"response.code_details == '{detail}'")
+        mappers.append(
+            {
+                "filter": {"and_filter": {"filters": [_status_is(status), cel]}},
+                "body": {"inline_string": message},
+                "body_format_override": _openai_error_format(status, "%LOCAL_REPLY_BODY%"),
+            }
+        )
+    for status in _PROTOCOL_STATUSES:
+        mappers.append(
+            {
+                "filter": {
+                    "and_filter": {"filters": [_status_is(status), _cel(_NOT_OURS_DETAILS)]}
+                },
+                "body_format_override": _openai_error_format(
+                    status, "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"
+                ),
+            }
+        )
+    return mappers
+
+
+def _with_protocol_error_replies(local_reply: dict[str, Any]) -> dict[str, Any]:
+    """Envoy's protocol-error replies first: they are matched by response details, which
+    no other reply has."""
+    return {**local_reply, "mappers": [*_protocol_error_mappers(), *local_reply["mappers"]]}
+
+
+def _request_decompressor() -> dict[str, Any]:
+    """`Content-Encoding: gzip` request bodies are decompressed before anything reads them
+    (json_to_metadata, the processor); any other encoding meets a 415 route
+    (envoy_routing). Before the buffering filters, so max_request_body_bytes bounds the
+    decompressed body: a small gzip bomb still gets 413. Responses are left alone: the
+    processor and response.lua read them as the provider sent them."""
+    return {
+        "name": "envoy.filters.http.decompressor",
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.decompressor.v3.Decompressor",
+            "decompressor_library": {
+                "name": "gzip",
+                "typed_config": {
+                    _TYPE: _T + "envoy.extensions.compression.gzip.decompressor.v3.Gzip",
+                    # Envoy's default (100) cut JSON padded with whitespace short (measured:
+                    # 60 kB of spaces in 146 bytes); the body limit bounds what inflates.
+                    "max_inflate_ratio": 1032,
+                },
+            },
+            "request_direction_config": {
+                "common_config": {"enabled": _ON},
+                # The client's Accept-Encoding goes to the provider unchanged.
+                "advertise_accept_encoding": False,
+            },
+            "response_direction_config": {"common_config": {"enabled": _OFF}},
+        },
+    }
+
+
+_ON = {"default_value": True, "runtime_key": "llmux.request_decompression"}
+_OFF = {"default_value": False, "runtime_key": "llmux.response_decompression"}
+
+
 def _response_lua_filter() -> dict[str, Any]:
     """response.lua: usage, cost headers and the dropped usage chunk for OpenAI-format
     answers the processor handed back to Envoy (see that file)."""
@@ -485,6 +710,19 @@ def _prompt_lua_filter() -> dict[str, Any]:
         "typed_config": {
             _TYPE: _T + "envoy.extensions.filters.http.lua.v3.Lua",
             "source_codes": {"prompt": {"inline_string": script}},
+        },
+    }
+
+
+def _alias_lua_filter() -> dict[str, Any]:
+    """alias.lua (a key's model aliases): enabled only on the route of API requests for a
+    model no group serves (envoy_routing), so known models never pay for it."""
+    script = resources.files("llmux_extproc.dataplane").joinpath("alias.lua").read_text()
+    return {
+        "name": envoy_routing.ALIAS_FILTER,
+        "typed_config": {
+            _TYPE: _T + "envoy.extensions.filters.http.lua.v3.Lua",
+            "source_codes": {"alias": {"inline_string": script}},
         },
     }
 
@@ -540,10 +778,14 @@ def _stream_accounting_log() -> dict[str, Any]:
                 "log_name": ACCESS_LOG_NAME,
                 "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
                 "transport_api_version": "V3",
-                "buffer_flush_interval": "0.2s",
+                "buffer_flush_interval": f"{ACCOUNTING_FLUSH_S}s",
             },
         },
     }
+
+
+# How long an answer's accounting entry may wait in Envoy's gRPC access log buffer.
+ACCOUNTING_FLUSH_S = 0.2
 
 
 def _access_log(config: Config) -> list[dict[str, Any]]:
@@ -556,7 +798,9 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
         "time": "%START_TIME%",
         "request_id": "%REQ(X-REQUEST-ID)%",
         "method": "%REQ(:METHOD)%",
-        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        # Never the query string: clients put keys there (`?api_key=`, `?key=`, the
+        # management API's `/key/info?key=sk-...`).
+        "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
         "status": "%RESPONSE_CODE%",
         "flags": "%RESPONSE_FLAGS%",
         "latency_ms": "%DURATION%",
@@ -582,24 +826,50 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
         "trace_id": "%TRACE_ID%",
         "span_id": "%SPAN_ID%",
     }
+    log_format: dict[str, Any] = {
+        "json_format": fmt,
+        "formatters": [
+            {
+                "name": "envoy.formatter.req_without_query",
+                "typed_config": {
+                    _TYPE: _T + "envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"
+                },
+            }
+        ],
+    }
+    # A path LLMux does not serve may hold anything, a key in a segment included
+    # (`/key/sk-.../regenerate`): such requests (their routes mark them with OPAQUE_HEADER)
+    # are logged by a second logger whose path is a constant.
+    opaque_format = {**log_format, "json_format": {**fmt, "path": UNLOGGED_PATH}}
+    return [
+        _text_log(target, log_format, opaque=False),
+        _text_log(target, opaque_format, opaque=True),
+        accounting,
+    ]
+
+
+def _text_log(target: str, log_format: dict[str, Any], *, opaque: bool) -> dict[str, Any]:
+    typed: dict[str, Any] = {"log_format": log_format}
     if target == "stdout":
-        log = {
-            "name": "envoy.access_loggers.stdout",
-            "typed_config": {
-                _TYPE: _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                "log_format": {"json_format": fmt},
-            },
-        }
+        name = "envoy.access_loggers.stdout"
+        typed[_TYPE] = _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
     else:
-        log = {
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                _TYPE: _T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": target,
-                "log_format": {"json_format": fmt},
-            },
-        }
-    return [log, accounting]
+        name = "envoy.access_loggers.file"
+        typed[_TYPE] = _T + "envoy.extensions.access_loggers.file.v3.FileAccessLog"
+        typed["path"] = target
+    return {
+        "name": name,
+        "filter": {
+            "header_filter": {
+                "header": {
+                    "name": envoy_routing.OPAQUE_HEADER,
+                    "present_match": True,
+                    "invert_match": not opaque,
+                }
+            }
+        },
+        "typed_config": typed,
+    }
 
 
 def bootstrap(
@@ -617,26 +887,24 @@ def bootstrap(
         # Non-streamed completions can be silent for minutes; the route timeout bounds them.
         "stream_idle_timeout": _duration(s.request_timeout_s),
         "use_remote_address": True,
+        # An invalid HTTP/2 request resets its own stream, not the client's connection with
+        # every other stream on it (Envoy's default; spike: one uppercase header name cost
+        # a concurrent valid request its answer). Nothing can carry a status there.
+        "http2_protocol_options": {"override_stream_error_on_invalid_http_message": True},
         # Clients can quote it to operators; the access log carries the same id.
         "always_set_request_id_in_response": True,
         "access_log": _access_log(config),
-        "local_reply_config": _with_drain_reply(_local_reply_config()),
+        "local_reply_config": _with_drain_reply(
+            _with_protocol_error_replies(_local_reply_config())
+        ),
         "http_filters": [
+            _internal_headers_filter(),
             _health_check_filter(),
             _drain_filter(),
-            {
-                # Internal headers are LLMux's alone: clients cannot send them, and the
-                # processor's retry marker never reaches a client.
-                "name": "envoy.filters.http.header_mutation",
-                "typed_config": {
-                    _TYPE: _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                    "mutations": {
-                        "request_mutations": [{"remove": h} for h in _INTERNAL_HEADERS],
-                        "response_mutations": [{"remove": RETRY_HEADER}],
-                    },
-                },
-            },
+            _request_decompressor(),
             *envoy_routing.request_metadata_filters(),
+            # Before the route's other filters: it may change the route.
+            _alias_lua_filter(),
             # Response order is the reverse: a stream's usage is read (sse_to_metadata)
             # before it is dropped (lua).
             _prompt_lua_filter(),
@@ -655,7 +923,7 @@ def bootstrap(
     if s.tracing.enabled:
         hcm["tracing"] = envoy_tracing.hcm_tracing(s.tracing)
     if static_clusters:
-        hcm["route_config"] = envoy_routing.route_configuration(config, _extra_routes())
+        hcm["route_config"] = envoy_routing.route_configuration(config, _extra_routes(config))
     else:
         hcm["rds"] = {
             "route_config_name": envoy_routing.ROUTE_CONFIG,

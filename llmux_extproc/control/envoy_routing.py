@@ -20,6 +20,8 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
+
 from llmux_extproc.control.config import Config, Deployment, RouterSettings
 from llmux_extproc.policy.strategies import DeploymentInfo, SimpleShuffle
 
@@ -42,6 +44,33 @@ RETRY_HEADER = "x-llmux-retry"
 # writes as an upstream filter stays on the attempt's own stream info).
 MARKS_HEADER = "x-llmux-marks"
 PROMPT_FILTER = "llmux.prompt"  # prompt.lua's Lua filter, enabled on stream routes
+ALIAS_FILTER = "llmux.alias"  # alias.lua: key model aliases, on the unknown-model route
+ALIAS_PATH = "/llmux/alias"  # what alias.lua asks the processor, through llmux_local
+# Routes whose request paths the access log leaves out (envoy_config) set this request
+# header, through the first filter's per-route config.
+OPAQUE_ROUTE = "llmux_opaque_path"
+OPAQUE_HEADER = "x-llmux-opaque-path"
+
+
+def opaque_route(route: dict[str, Any]) -> dict[str, Any]:
+    """`route` marked for the access log as one whose path is not LLMux's (the catch-all
+    404, what the management prefixes do not serve): its requests' paths may hold anything,
+    a key included, and are not logged. A request header the access log's header filter
+    reads: a CEL filter on the route name cost ~10 us of Envoy CPU per request (measured)."""
+    mark = {
+        "append": {
+            "header": {"key": OPAQUE_HEADER, "value": "1"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    }
+    per_filter = route.setdefault("typed_per_filter_config", {})
+    per_filter["envoy.filters.http.header_mutation"] = {
+        _TYPE: _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
+        "mutations": {"request_mutations": [mark]},
+    }
+    return {"name": OPAQUE_ROUTE, **route}
+
+
 API_PATHS = ("/v1/chat/completions", "/chat/completions", "/v1/embeddings", "/embeddings")
 MODEL_LIST_PATHS = ("/v1/models", "/models")
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -520,7 +549,7 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
         "safe_regex": {"regex": _api_paths_regex()},
         "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
     }
-    table: list[dict[str, Any]] = []
+    table: list[dict[str, Any]] = [unsupported_encoding_route()]
     for group in config.model_names:
         policy = retry_policy(config, group)
         action: dict[str, Any] = {
@@ -560,7 +589,16 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
             {"match": {**post_api, "dynamic_metadata": [_model_is(group)]}, "route": action}
         )
     local = {"cluster": LOCAL_CLUSTER, "timeout": "30s"}
-    table.append({"match": post_api, "route": local})
+    unknown_model: dict[str, Any] = {"match": post_api, "route": local}
+    if config.database_url and config.master_key:
+        # Only virtual keys have aliases: without a key database no request pays for it.
+        unknown_model["typed_per_filter_config"] = {
+            ALIAS_FILTER: {
+                _TYPE: _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+                "name": "alias",
+            }
+        }
+    table.append(unknown_model)
     for path in MODEL_LIST_PATHS:
         table.append(
             {
@@ -571,23 +609,103 @@ def routes(config: Config, extra: Iterable[dict[str, Any]] = ()) -> list[dict[st
                 "route": local,
             }
         )
+    table.extend(_wrong_method_routes())
     table.extend(extra)
     table.append(
-        {
-            "match": {"prefix": "/"},
-            "direct_response": {
-                "status": 404,
-                "body": {
-                    "inline_string": '{"error":{"message":"Unknown path. LLMux serves '
-                    '/v1/chat/completions, /v1/embeddings and /v1/models.",'
-                    '"type":"not_found_error","param":null,"code":"404"}}'
+        opaque_route(
+            {
+                "match": {"prefix": "/"},
+                "direct_response": {
+                    "status": 404,
+                    "body": {
+                        "inline_string": '{"error":{"message":"Unknown path. LLMux serves '
+                        '/v1/chat/completions, /v1/embeddings and /v1/models.",'
+                        '"type":"not_found_error","param":null,"code":"404"}}'
+                    },
                 },
-            },
-            "response_headers_to_add": [
-                {"header": {"key": "content-type", "value": "application/json"}}
-            ],
-        }
+                "response_headers_to_add": [
+                    {"header": {"key": "content-type", "value": "application/json"}}
+                ],
+            }
+        )
     )
+    return table
+
+
+def method_not_allowed(match: dict[str, Any], allow: str) -> dict[str, Any]:
+    """A 405 with `Allow`, in OpenAI's shape, answered by Envoy."""
+    message = f"Method not allowed; this path accepts {allow}."
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "405",
+            }
+        }
+    ).decode()
+    return {
+        "match": match,
+        "direct_response": {"status": 405, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}},
+            {"header": {"key": "allow", "value": allow}},
+        ],
+    }
+
+
+def unsupported_encoding_route() -> dict[str, Any]:
+    """A request body in an encoding Envoy's decompressor did not undo (it takes gzip and
+    removes the header): 415, never forwarded as it is. Also met by a gzip body that does
+    not inflate (corrupt, or beyond the inflate ratio): its JSON cannot be read, so the
+    route chosen on the headers, while they still named the encoding, stands (spike)."""
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": "Content-Encoding is not supported, or the gzip body could not "
+                "be decompressed; send the body uncompressed or gzip-compressed.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "415",
+            }
+        }
+    ).decode()
+    encoded = [
+        {"name": "content-encoding", "present_match": True},
+        {
+            "name": "content-encoding",
+            "string_match": {"exact": "identity", "ignore_case": True},
+            "invert_match": True,
+        },
+    ]
+    return {
+        "match": {"prefix": "/", "headers": encoded},
+        "direct_response": {"status": 415, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}}
+        ],
+    }
+
+
+def _not_method(method: str) -> list[dict[str, Any]]:
+    return [{"name": ":method", "string_match": {"exact": method}, "invert_match": True}]
+
+
+def _wrong_method_routes() -> list[dict[str, Any]]:
+    """Known paths asked with a method they do not take: 405, not the catch-all's 404.
+    After the routes that take them (the API's POST, the model list's GET), before the
+    extra routes, so /metrics and /health get theirs whatever serves the right method."""
+    table = [method_not_allowed({"safe_regex": {"regex": _api_paths_regex()}}, "POST")]
+    # CONNECT has no path; without a route for it, it waited for ever in json_to_metadata
+    # (a tunnel's body never ends). With one, Envoy refuses the tunnel at once, since no
+    # CONNECT upgrade is configured: 403 `upgrade_failed` (spike), shaped by envoy_config.
+    table.append(method_not_allowed({"connect_matcher": {}}, "GET, POST"))
+    table += [method_not_allowed({"path": p}, "GET") for p in MODEL_LIST_PATHS]
+    # The metrics server (prometheus_client) takes GET and OPTIONS, and answers anything
+    # else with a plain-text 405.
+    for path in ("/metrics", "/health"):
+        table.append(method_not_allowed({"path": path, "headers": _not_method("GET")}, "GET"))
     return table
 
 
@@ -606,12 +724,13 @@ def route_configuration(config: Config, extra: Iterable[dict[str, Any]] = ()) ->
                 "request_body_buffer_limit": config.settings.max_request_body_bytes,
                 # The processor reads the attempt number (x-litellm-attempted-retries).
                 "include_request_attempt_count": True,
-                # prompt.lua runs only where a route names it (the stream routes).
+                # prompt.lua and alias.lua run only where a route names them.
                 "typed_per_filter_config": {
-                    PROMPT_FILTER: {
+                    name: {
                         _TYPE: _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
                         "disabled": True,
                     }
+                    for name in (PROMPT_FILTER, ALIAS_FILTER)
                 },
             }
         ],

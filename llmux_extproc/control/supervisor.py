@@ -78,6 +78,8 @@ CDS_STATS = "cluster_manager.cds"
 RDS_STATS = "http.llmux.rds.llmux"
 # How long Envoy may take to apply (or reject) a pushed file before the reload fails.
 XDS_APPLY_TIMEOUT_S = 10.0
+# After the drain, before Envoy is stopped: its accounting log buffer flushed, with margin.
+ACCESS_LOG_SETTLE_S = envoy_config.ACCOUNTING_FLUSH_S * 3
 
 
 # A child that dies sooner than this after its start counts as a crash loop: the next start
@@ -209,6 +211,10 @@ class Supervisor:
         # Created here, not in __init__: it imports the metrics, which must come after
         # PROMETHEUS_MULTIPROC_DIR is set (run()).
         self.control = ControlPlane(self.config, self.paths.sink_port, self.push_clusters)
+        from llmux_extproc.observability import metrics
+
+        for process in ("worker", "envoy"):  # at 0 from the start: rate() and alerts see them
+            metrics.RESTARTS.labels(process)
         asyncio.run(self.control.resolve())
         for host in self.control.unresolved():
             log.warning("provider host %s does not resolve yet; Envoy resolves it", host)
@@ -301,6 +307,7 @@ class Supervisor:
             restarts = self._worker_restarts[i]
             if restarts.due is None and proc.poll() is not None:
                 delay = restarts.died(now)
+                self._forget_metrics_of(proc.pid)
                 log.error(
                     "ext_proc worker %d (pid %d) died (%s); restarting it on %s%s",
                     i,
@@ -310,6 +317,7 @@ class Supervisor:
                     f" in {delay:.2f}s (crash loop)" if delay else "",
                 )
             if restarts.due is not None and now >= restarts.due:
+                self._count_restart("worker")
                 self.workers[i] = self._spawn_worker(i)
                 restarts.started, restarts.due = now, None
                 log.info("ext_proc worker %d restarted: pid %d", i, self.workers[i].pid)
@@ -343,10 +351,27 @@ class Supervisor:
                 f" in {delay:.2f}s (crash loop)" if delay else "",
             )
         if restarts.due is not None and now >= restarts.due and not self.draining:
+            self._count_restart("envoy")
             self.envoy = self._spawn_envoy()
             restarts.started, restarts.due = now, None
             log.info("Envoy restarted: pid %d", self.envoy.pid)
         return None
+
+    @staticmethod
+    def _forget_metrics_of(pid: int) -> None:
+        """Drop a dead worker's live gauges (open streams, tasks): prometheus_client keeps
+        summing its last values otherwise, so a worker killed mid-request counted its
+        streams as open for ever. Its counters stay: totals never go back."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    def _count_restart(process: str) -> None:
+        from llmux_extproc.observability import metrics
+
+        metrics.RESTARTS.labels(process).inc()
 
     # -- reload --------------------------------------------------------------------
 
@@ -536,6 +561,9 @@ class Supervisor:
         await control_server.start()
         tokens = await listen_for_tokens(self.control, self.paths.root / TOKENS_SOCKET)
         control = asyncio.create_task(self.control.run(self.paths.deployments))
+        from llmux_extproc.observability import budgets
+
+        budget_metrics = asyncio.create_task(budgets.watch(lambda: self.config))
         try:
             while not stop.is_set():
                 if self.config_path:
@@ -549,6 +577,7 @@ class Supervisor:
         finally:
             watcher.cancel()
             control.cancel()
+            budget_metrics.cancel()
             tokens.close()
             await control_server.stop(grace=None)
 
@@ -605,6 +634,9 @@ class Supervisor:
                 return
             if active == 0:
                 log.info("drained in %.1fs", time.monotonic() - started)
+                # The last answers' access log entries (their accounting, spend logs
+                # included) wait in Envoy's gRPC log buffer for up to its flush interval.
+                await asyncio.sleep(ACCESS_LOG_SETTLE_S)
                 return
             if cut.is_set() or time.monotonic() - started > timeout:
                 log.warning(
@@ -648,6 +680,8 @@ RESTART_ONLY = {
     "drain_timeout_s": "drain_timeout",
     # Envoy's tracer and its collector cluster are in the bootstrap.
     "tracing": "tracing",
+    # Each worker's spend log queue is made at its start.
+    "spend_log_queue": "spend_log_queue",
 }
 
 

@@ -18,7 +18,9 @@ from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.accesslog.v3.als_pb2_grpc import AccessLogServiceServicer
 
 from llmux_extproc.control.envoy_config import METADATA_NAMESPACE, STREAM_NAMESPACE, USAGE_NAMESPACE
+from llmux_extproc.dataplane.context import DEFAULT_CALLER, MASTER_CALLER, Caller
 from llmux_extproc.dataplane.gateway import CutShort, Gateway
+from llmux_extproc.policy.keys import Principal
 
 log = logging.getLogger("llmux.accesslog")
 
@@ -82,7 +84,29 @@ class StreamAccounting(AccessLogServiceServicer):  # type: ignore[misc]
             completed=not common.response_flags.downstream_connection_termination,
             ttft_s=ttft,
             duration_s=common.duration.ToTimedelta().total_seconds(),
+            caller=_caller(marks),
+            request_id=entry.request.request_id,
         )
+
+
+def _caller(marks: Any) -> Caller:
+    """Who made the request, from the marks the processor left (gateway._passthrough_marks)."""
+    if "key" in marks:
+
+        def text(name: str) -> str | None:
+            return marks[name].string_value if name in marks else None
+
+        return Caller.of(
+            Principal(
+                token=marks["key"].string_value,
+                key_alias=text("alias"),
+                key_name=text("key_name"),
+                user_id=text("user"),
+                team_id=text("team"),
+                team_alias=text("team_alias"),
+            )
+        )
+    return MASTER_CALLER if "admin" in marks else DEFAULT_CALLER
 
 
 def _has_usage(metadata: Any) -> bool:

@@ -23,10 +23,17 @@ class Caller:
     user_id: str | None = None
     principal: Principal | None = None
     admin: bool = False  # the master key: may call the management API
+    token: str | None = None  # the key's sha256 (LiteLLM's token): spend logs
 
     @classmethod
     def of(cls, principal: Principal) -> Caller:
-        return cls(principal.team_id or "default", principal.label, principal.user_id, principal)
+        return cls(
+            principal.team_id or "default",
+            principal.label,
+            principal.user_id,
+            principal,
+            token=principal.token,
+        )
 
 
 DEFAULT_CALLER = Caller()
@@ -50,3 +57,4 @@ class Attempt:
 class RequestContext:
     caller: Caller
     attempt: Attempt
+    request_id: str = ""  # Envoy's x-request-id, the same for every attempt

@@ -20,7 +20,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
@@ -30,6 +29,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from llmux_extproc.control.envoy_routing import (
+    ALIAS_PATH,
     CLIENT_KEY_HEADERS,
     MARKS_HEADER,
     REQUEST_NAMESPACE,
@@ -46,8 +46,10 @@ from llmux_extproc.dataplane.gateway import (
     ResponseAction,
     StreamSession,
     attempt_headers,
+    dropped_client_headers,
     trace_marks,
 )
+from llmux_extproc.dataplane.marks import encode_marks
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.observability import metrics
 from llmux_extproc.observability.logs import TRACE_IDS, trace_ids_from_traceparent
@@ -94,20 +96,6 @@ def _set_headers(headers: Mapping[str, str]) -> list[HeaderValueOption]:
     ]
 
 
-def encode_marks(fields: Mapping[str, Any]) -> str:
-    """The marks header response.lua turns into `llmux` dynamic metadata: `key=<t><value>`
-    pairs joined by `;`, t = b(ool), n(umber) or s(tring, percent-encoded)."""
-    parts = []
-    for key, value in fields.items():
-        if isinstance(value, bool):
-            parts.append(f"{key}=b{int(value)}")
-        elif isinstance(value, int | float):
-            parts.append(f"{key}=n{value!r}")
-        elif isinstance(value, str):
-            parts.append(f"{key}=s{quote(value, safe='')}")
-    return ";".join(parts)
-
-
 def immediate(answer: Immediate) -> pb.ProcessingResponse:
     headers = {
         "content-type": answer.headers.get("content-type", "application/json"),
@@ -125,7 +113,7 @@ def immediate(answer: Immediate) -> pb.ProcessingResponse:
     )
 
 
-def forward(fwd: Forward) -> pb.ProcessingResponse:
+def forward(fwd: Forward, request_headers: Iterable[str] = ()) -> pb.ProcessingResponse:
     up = fwd.upstream
     headers = {":path": up.path, ":authority": fwd.authority, **up.headers}
     body_mutation = None
@@ -136,7 +124,10 @@ def forward(fwd: Forward) -> pb.ProcessingResponse:
         # Envoy re-sends the client's body on a retry, but the headers keep what the last
         # attempt set: a length it set for a rewritten body must not outlive it.
         headers["content-length"] = str(len(fwd.exchange.req.raw))
-    remove = [h for h in fwd.remove_headers if h not in headers]
+    # The allow-list of client headers: request_headers are what this attempt's headers
+    # message held (the client's, Envoy's, a previous attempt's).
+    remove = dropped_client_headers(request_headers, headers)
+    remove.extend(h for h in fwd.remove_headers if h not in headers and h not in remove)
     response = pb.ProcessingResponse(
         request_body=pb.BodyResponse(
             response=pb.CommonResponse(
@@ -267,7 +258,7 @@ class _HttpStream:
                 self._span_forwards(decision.exchange)
             if decision.held:
                 self.held = decision.exchange.dep.id
-            return forward(decision)
+            return forward(decision, self.headers)
         if kind == "response_headers":
             return self._response_headers(msg.response_headers)
         if kind == "response_body":
@@ -284,6 +275,11 @@ class _HttpStream:
         if path is not None:
             self.headers[":path"] = path
         path = self.headers.get(":path", "")
+        if not keys and path.startswith(ALIAS_PATH):
+            # alias.lua's own request (an httpCall: no downstream filters, no metadata)
+            # carries the client's key in its headers. Clients cannot send one: the
+            # listener routes no such path to the processor.
+            keys = {k: self.headers[k] for k in CLIENT_KEY_HEADERS if k in self.headers}
         method = self.headers.get(":method", "")
         tracer = self.gateway.tracer
         if tracer is not None:
@@ -347,10 +343,12 @@ class _HttpStream:
 
     def _context(self, caller: Caller, host: tuple[int, str] | None) -> RequestContext:
         number = int(self.headers.get("x-envoy-attempt-count") or 1)
+        request_id = self.headers.get("x-request-id", "")
         if host is None:
-            return RequestContext(caller, Attempt(number, None))
+            return RequestContext(caller, Attempt(number, None), request_id)
         priority, dep_id = host
-        return RequestContext(caller, Attempt(number, self.gateway.deployment(dep_id), priority))
+        attempt = Attempt(number, self.gateway.deployment(dep_id), priority)
+        return RequestContext(caller, attempt, request_id)
 
     def _response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         for h in msg.headers.headers:

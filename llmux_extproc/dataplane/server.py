@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from llmux_extproc.accounting import tokens
+from llmux_extproc.accounting.spendlog import SpendQueue, SpendWriter, pool_sink
 from llmux_extproc.control.config import Config, ConfigError, file_stamp, load_config
 from llmux_extproc.control.controlplane import TOKENS_SOCKET, TokenReporter
 from llmux_extproc.dataplane.accesslog import StreamAccounting
@@ -120,6 +121,9 @@ async def serve(
         # Changing database_url needs a restart (the supervisor refuses it as a reload).
         gateway.keys = KeyStore(config.database_url, config.key_cache_ttl_s)
         await gateway.keys.start()
+        spend_writer = _spend_writer(gateway)
+    else:
+        spend_writer = None
     server = grpc.aio.server(options=grpc_options())
     add_ExternalProcessorServicer_to_server(Processor(gateway), server)
     add_AccessLogServiceServicer_to_server(StreamAccounting(gateway), server)
@@ -166,10 +170,22 @@ async def serve(
     # in-flight exchanges finish: Envoy drains before the supervisor stops us.
     await health.enter_graceful_shutdown()
     await server.stop(grace=5)
+    if spend_writer is not None:
+        # Envoy is gone (the supervisor stops it first) and its last access log batch is in:
+        # every answer is queued, so what is written now is everything.
+        await spend_writer.close()
     if gateway.tracer is not None:
         gateway.tracer.shutdown()  # what is still batched goes out
     if gateway.keys is not None:
         await gateway.keys.close()
+
+
+def _spend_writer(gateway: Gateway) -> SpendWriter:
+    assert gateway.keys is not None
+    gateway.spend = SpendQueue(gateway.state.config.settings.spend_log_queue)
+    writer = SpendWriter(gateway.spend, pool_sink(gateway.keys.pool))
+    writer.start()
+    return writer
 
 
 def run_worker(

@@ -50,7 +50,7 @@ POOL_MAX = 3
 _PRINCIPAL_SQL = """
 SELECT k.token, k.key_name, k.key_alias, k.user_id, k.team_id, k.budget_id, k.models,
        k.blocked, k.expires, k.rpm_limit, k.tpm_limit, k.max_parallel_requests,
-       k.max_budget, k.budget_duration, k.spend, k.metadata,
+       k.max_budget, k.budget_duration, k.spend, k.metadata, k.aliases,
        b.soft_budget AS b_soft_budget, b.max_budget AS b_max_budget,
        b.rpm_limit AS b_rpm_limit, b.tpm_limit AS b_tpm_limit,
        b.max_parallel_requests AS b_max_parallel_requests,
@@ -162,6 +162,7 @@ def principal_from_row(row: Mapping[str, Any]) -> Principal:
         if row["u_user_id"] is not None
         else None,
         metadata=metadata,
+        aliases={str(k): v for k, v in _json(row["aliases"]).items() if isinstance(v, str)},
     )
 
 

@@ -30,6 +30,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
+from llmux_extproc.db import spend_api
 from llmux_extproc.db.keystore import KeyStore, tokens_of
 from llmux_extproc.errors import GatewayError, bad_request
 from llmux_extproc.policy.keys import hash_key, key_name
@@ -41,6 +42,7 @@ ADMIN_NAME = "default_user_id"
 KEY_TABLE = sql.Identifier("LiteLLM_VerificationToken")
 TEAM_TABLE = sql.Identifier("LiteLLM_TeamTable")
 BUDGET_TABLE = sql.Identifier("LiteLLM_BudgetTable")
+USER_TABLE = sql.Identifier("LiteLLM_UserTable")
 PATHS = frozenset(
     {
         "/key/generate",
@@ -52,6 +54,14 @@ PATHS = frozenset(
         "/key/list",
         "/team/new",
         "/team/info",
+        "/key/regenerate",
+        "/team/update",
+        "/team/delete",
+        "/team/list",
+        "/user/new",
+        "/user/info",
+        "/spend/logs",
+        "/global/spend/report",
     }
 )
 _DURATION = re.compile(r"^(\d+)(s|m|h|d|w|mo)$")
@@ -196,7 +206,6 @@ NOT_ENFORCED = frozenset(
         "budget_duration",
         "budget_id",
         "model_max_budget",
-        "aliases",
         "allowed_routes",
         "allowed_cache_controls",
         "permissions",
@@ -221,6 +230,14 @@ def _ignored(fields: Fields, path: str, answer: Answer) -> Answer:
 # -- the dispatcher ---------------------------------------------------------------------
 
 
+class MethodNotAllowed(GatewayError):
+    """A 405 that names, for the `Allow` header, the methods the path takes."""
+
+    def __init__(self, allowed: list[str], message: str) -> None:
+        super().__init__(405, message)
+        self.allow = ", ".join(allowed)
+
+
 async def handle(store: KeyStore, method: str, path: str, body: bytes) -> Answer:
     """Answer one management request (the caller checked the master key)."""
     route, _, query = path.partition("?")
@@ -234,18 +251,36 @@ async def handle(store: KeyStore, method: str, path: str, body: bytes) -> Answer
         ("GET", "/key/list"): list_keys,
         ("POST", "/team/new"): new_team,
         ("GET", "/team/info"): team_info,
+        ("POST", "/key/regenerate"): regenerate_key_body,
+        ("POST", "/team/update"): update_team,
+        ("POST", "/team/delete"): delete_teams,
+        ("GET", "/team/list"): list_teams,
+        ("POST", "/user/new"): new_user,
+        ("GET", "/user/info"): user_info,
+        ("GET", "/spend/logs"): _spend_logs,
+        ("GET", "/global/spend/report"): _spend_report,
     }
+    path_key = regenerate_target(route)
+    if path_key is not None:  # LiteLLM's /key/{key}/regenerate
+        route = "/key/regenerate"
     handler = handlers.get((method, route))
     if handler is None:
         allowed = [m for m, p in handlers if p == route]
-        raise GatewayError(405, f"{route} takes {' or '.join(allowed)}, not {method}.")
+        if not allowed:
+            raise GatewayError(404, f"Unknown management path {route}.")
+        raise MethodNotAllowed(allowed, f"{route} takes {' or '.join(allowed)}, not {method}.")
     arg: Any
     if method == "GET":
         arg = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    elif path_key is not None and not body:
+        arg = {}  # LiteLLM's path form needs no body
     else:
         arg = _json_body(body)
     try:
-        result: Answer = await handler(store, arg)
+        if path_key is not None and handler is regenerate_key_body:
+            result: Answer = await regenerate_key(store, arg, path_key)
+        else:
+            result = await handler(store, arg)
     except (PoolTimeout, psycopg.OperationalError) as exc:
         raise GatewayError(
             503,
@@ -307,6 +342,12 @@ def _key_values(f: Fields, existing_metadata: Mapping[str, Any] | None) -> dict[
     for name in _KEY_JSON:
         if f.has(name):
             values[name] = Jsonb(f.mapping(name) or {})
+    for alias, target in (f.mapping("aliases") or {}).items() if f.has("aliases") else ():
+        if not isinstance(target, str) or not target:
+            raise bad_request(
+                f"aliases.{alias}: must name a model group (a non-empty string), got {target!r}.",
+                f"aliases.{alias}",
+            )
     # LiteLLM keeps these inside the key's metadata.
     extra: dict[str, Any] = {}
     for name in ("model_rpm_limit", "model_tpm_limit"):
@@ -365,18 +406,20 @@ def _foreign(exc: psycopg.errors.ForeignKeyViolation) -> GatewayError:
     return bad_request("budget_id: no such budget in LiteLLM_BudgetTable.", "budget_id")
 
 
-async def generate_key(store: KeyStore, body: dict[str, Any]) -> Answer:
-    f = Fields(body)
-    raw = f.string("key")
+def _new_raw_key(f: Fields, name: str = "key") -> str:
+    raw = f.string(name)
     if raw is not None and not raw.startswith("sk-"):
-        raise bad_request("key: a virtual key must start with 'sk-'.", "key")
-    raw = raw or "sk-" + secrets.token_urlsafe(16)  # LiteLLM's length
+        raise bad_request(f"{name}: a virtual key must start with 'sk-'.", name)
+    return raw or "sk-" + secrets.token_urlsafe(16)  # LiteLLM's length
+
+
+def _prepare_key(f: Fields, raw: str) -> tuple[dict[str, Any], float | None]:
+    """The new key row's values from the request fields (checked), and its soft budget."""
     soft_budget = f.amount("soft_budget")
     values = _key_values(f, None)
     now = _now()
-    token = hash_key(raw)
     values.update(
-        token=token,
+        token=hash_key(raw),
         key_name=key_name(raw),
         created_at=now,
         updated_at=now,
@@ -385,32 +428,47 @@ async def generate_key(store: KeyStore, body: dict[str, Any]) -> Answer:
     )
     values.setdefault("models", [])
     values.setdefault("metadata", Jsonb({}))
-    async with _conn(store) as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        if values.get("key_alias"):
-            await _alias_taken(cur, values["key_alias"], None)
-        if soft_budget is not None and values.get("budget_id") is None:
-            values["budget_id"] = await _new_budget(cur, soft_budget, now)
-        columns = list(values)
-        try:
-            await cur.execute(
-                sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
-                    KEY_TABLE,
-                    sql.SQL(", ").join(map(sql.Identifier, columns)),
-                    sql.SQL(", ").join(sql.Placeholder() * len(columns)),
-                ),
-                [values[c] for c in columns],
-            )
-        except psycopg.errors.UniqueViolation as exc:
-            raise bad_request("key: this key already exists.", "key") from exc
-        except psycopg.errors.ForeignKeyViolation as exc:
-            raise _foreign(exc) from exc
-        row = await cur.fetchone()
+    return values, soft_budget
+
+
+async def _insert_key(
+    cur: Any, raw: str, values: dict[str, Any], soft_budget: float | None
+) -> dict[str, Any]:
+    """Insert a key row inside the caller's transaction; LiteLLM's /key/generate answer."""
+    if values.get("key_alias"):
+        await _alias_taken(cur, values["key_alias"], None)
+    if soft_budget is not None and values.get("budget_id") is None:
+        values["budget_id"] = await _new_budget(cur, soft_budget, values["created_at"])
+    columns = list(values)
+    try:
+        await cur.execute(
+            sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
+                KEY_TABLE,
+                sql.SQL(", ").join(map(sql.Identifier, columns)),
+                sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+            ),
+            [values[c] for c in columns],
+        )
+    except psycopg.errors.UniqueViolation as exc:
+        raise bad_request("key: this key already exists.", "key") from exc
+    except psycopg.errors.ForeignKeyViolation as exc:
+        raise _foreign(exc) from exc
+    row = await cur.fetchone()
     assert row is not None
     out = row_json(row)
-    out.update(key=raw, token_id=token, soft_budget=soft_budget)
+    out.update(key=raw, token_id=values["token"], soft_budget=soft_budget)
     metadata = out.get("metadata") or {}
     for name in ("model_rpm_limit", "model_tpm_limit"):
         out[name] = metadata.get(name)
+    return out
+
+
+async def generate_key(store: KeyStore, body: dict[str, Any]) -> Answer:
+    f = Fields(body)
+    raw = _new_raw_key(f)
+    values, soft_budget = _prepare_key(f, raw)
+    async with _conn(store) as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        out = await _insert_key(cur, raw, values, soft_budget)
     return _ignored(f, "/key/generate", Answer(200, out))
 
 
@@ -520,22 +578,13 @@ async def delete_keys(store: KeyStore, body: dict[str, Any]) -> Answer:
     async with _conn(store) as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         if keys:
             wanted = tokens_of(keys)
-            await cur.execute(
-                sql.SQL("DELETE FROM {} WHERE token = ANY(%s) RETURNING token").format(KEY_TABLE),
-                (wanted,),
-            )
-            gone = {r["token"] for r in await cur.fetchall()}
+            deleted = await _archive_keys(cur, "token", wanted)
+            gone = {r["token"] for r in deleted}
             missing = [k for k, t in zip(keys, wanted, strict=True) if t not in gone]
             param, asked = "keys", keys
         else:
             assert aliases is not None
-            await cur.execute(
-                sql.SQL(
-                    "DELETE FROM {} WHERE key_alias = ANY(%s) RETURNING token, key_alias"
-                ).format(KEY_TABLE),
-                (aliases,),
-            )
-            deleted = await cur.fetchall()
+            deleted = await _archive_keys(cur, "key_alias", aliases)
             gone = {r["token"] for r in deleted}
             found_aliases = {r["key_alias"] for r in deleted}
             missing = [a for a in aliases if a not in found_aliases]
@@ -550,6 +599,57 @@ async def delete_keys(store: KeyStore, body: dict[str, Any]) -> Answer:
     for token in gone:
         store.notified("k:" + token)
     return _ignored(f, "/key/delete", Answer(200, {"deleted_keys": asked}))
+
+
+# The key columns LiteLLM_DeletedVerificationToken shares with the key table (0001, 0005).
+_ARCHIVED_KEY_COLUMNS = (
+    "token", "key_name", "key_alias", "soft_budget_cooldown", "spend", "expires", "models",
+    "aliases", "config", "user_id", "team_id", "permissions", "max_parallel_requests",
+    "metadata", "blocked", "tpm_limit", "rpm_limit", "max_budget", "budget_duration",
+    "budget_reset_at", "allowed_cache_controls", "allowed_routes", "model_spend",
+    "model_max_budget", "budget_id", "organization_id", "created_at", "created_by",
+    "updated_at", "updated_by",
+)  # fmt: skip
+_ARCHIVED_TEAM_COLUMNS = (
+    "team_id", "team_alias", "organization_id", "admins", "members", "members_with_roles",
+    "metadata", "max_budget", "soft_budget", "spend", "models", "max_parallel_requests",
+    "tpm_limit", "rpm_limit", "budget_duration", "budget_reset_at", "blocked", "model_spend",
+    "model_max_budget", "created_at", "updated_at",
+)  # fmt: skip
+
+
+async def _archive(
+    cur: Any, table: str, archive: str, columns: tuple[str, ...], where: str, values: list[str]
+) -> list[dict[str, Any]]:
+    """Delete the rows whose `where` column is in `values`, copying them to LiteLLM's audit
+    table first (as LiteLLM's /key/delete and /team/delete do); the deleted rows."""
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    await cur.execute(
+        sql.SQL(
+            "WITH gone AS (DELETE FROM {table} WHERE {where} = ANY(%s) RETURNING *)"
+            " INSERT INTO {archive} (id, {names}, deleted_at, deleted_by)"
+            " SELECT gen_random_uuid()::text, {names}, %s, %s FROM gone RETURNING {names}"
+        ).format(
+            table=sql.Identifier(table),
+            where=sql.Identifier(where),
+            archive=sql.Identifier(archive),
+            names=names,
+        ),
+        (values, _now(), ADMIN_NAME),
+    )
+    rows: list[dict[str, Any]] = await cur.fetchall()
+    return rows
+
+
+async def _archive_keys(cur: Any, where: str, values: list[str]) -> list[dict[str, Any]]:
+    return await _archive(
+        cur,
+        "LiteLLM_VerificationToken",
+        "LiteLLM_DeletedVerificationToken",
+        _ARCHIVED_KEY_COLUMNS,
+        where,
+        values,
+    )
 
 
 def _query_int(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -685,3 +785,363 @@ async def team_info(store: KeyStore, query: dict[str, str]) -> Answer:
         200,
         {"team_id": team_id, "team_info": row_json(team), "keys": keys, "team_memberships": []},
     )
+
+
+# -- more of LiteLLM's API: key rotation, teams, users ---------------------------------
+
+
+def regenerate_target(route: str) -> str | None:
+    """The key of LiteLLM's `/key/{key}/regenerate` path form."""
+    if route.startswith("/key/") and route.endswith("/regenerate"):
+        key = route[len("/key/") : -len("/regenerate")]
+        return key or None
+    return None
+
+
+def owns(route: str) -> bool:
+    """Whether `route` (a path without its query) is a management path."""
+    return route in PATHS or regenerate_target(route) is not None
+
+
+async def regenerate_key(store: KeyStore, body: dict[str, Any], path_key: str | None) -> Answer:
+    """LiteLLM's /key/regenerate: the same row under a new key (its hash is the row's id),
+    with the fields given updated; the old key stops working at once."""
+    f = Fields(body)
+    key = f.string("key") or path_key
+    if key is None:
+        raise bad_request("key: the key (or its hash) to regenerate is required.", "key")
+    if f.has("new_master_key"):
+        f.used.add("new_master_key")
+        raise bad_request(
+            "new_master_key: the master key is general_settings.master_key in LLMux's "
+            "config; change it there.",
+            "new_master_key",
+        )
+    raw = _new_raw_key(f, "new_key")
+    old = tokens_of([key])[0]
+    new = hash_key(raw)
+    async with _conn(store) as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        existing = await _key_row(cur, old, lock=True)
+        if existing is None:
+            raise _not_found("Key", "key")
+        values = _key_values(f, existing.get("metadata") or {})
+        if values.get("key_alias"):
+            await _alias_taken(cur, values["key_alias"], old)
+        values.update(token=new, key_name=key_name(raw), updated_at=_now(), updated_by=ADMIN_NAME)
+        try:
+            await cur.execute(
+                sql.SQL("UPDATE {} SET {} WHERE token = %s RETURNING *").format(
+                    KEY_TABLE,
+                    sql.SQL(", ").join(
+                        sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder())
+                        for c in values
+                    ),
+                ),
+                [*values.values(), old],
+            )
+        except psycopg.errors.UniqueViolation as exc:
+            raise bad_request("new_key: this key already exists.", "new_key") from exc
+        except psycopg.errors.ForeignKeyViolation as exc:
+            raise _foreign(exc) from exc
+        row = await cur.fetchone()
+    assert row is not None
+    store.notified("k:" + old)
+    out = row_json(row, drop=("token",))
+    out.update(key=raw, token_id=new)
+    return _ignored(f, "/key/regenerate", Answer(200, out))
+
+
+async def regenerate_key_body(store: KeyStore, body: dict[str, Any]) -> Answer:
+    return await regenerate_key(store, body, None)
+
+
+_TEAM_SCALARS = {
+    "team_alias": Fields.string,
+    "organization_id": Fields.string,
+    "max_budget": Fields.amount,
+    "soft_budget": Fields.amount,
+    "tpm_limit": Fields.count,
+    "rpm_limit": Fields.count,
+    "max_parallel_requests": Fields.count,
+    "blocked": Fields.boolean,
+    "models": Fields.strings,
+}
+
+
+async def update_team(store: KeyStore, body: dict[str, Any]) -> Answer:
+    f = Fields(body)
+    team_id = f.string("team_id")
+    if team_id is None:
+        raise bad_request("team_id: the team to update is required.", "team_id")
+    values: dict[str, Any] = {}
+    for name, read in _TEAM_SCALARS.items():
+        if f.has(name):
+            values[name] = read(f, name)
+    now = _now()
+    if f.has("budget_duration"):
+        seconds = f.duration("budget_duration")
+        values["budget_duration"] = body["budget_duration"]
+        values["budget_reset_at"] = now + timedelta(seconds=seconds or 0)
+    limits = {n: f.counts(n) for n in ("model_rpm_limit", "model_tpm_limit") if f.has(n)}
+    metadata = f.mapping("metadata") if f.has("metadata") else None
+    async with _conn(store) as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            sql.SQL("SELECT metadata FROM {} WHERE team_id = %s FOR UPDATE").format(TEAM_TABLE),
+            (team_id,),
+        )
+        existing = await cur.fetchone()
+        if existing is None:
+            raise _not_found(f"Team {team_id!r}", "team_id")
+        if metadata is not None or limits:
+            merged = dict(metadata if metadata is not None else existing["metadata"] or {})
+            merged.update({k: v for k, v in limits.items() if v is not None})
+            values["metadata"] = Jsonb(merged)
+        values["updated_at"] = now
+        await cur.execute(
+            sql.SQL("UPDATE {} SET {} WHERE team_id = %s RETURNING *").format(
+                TEAM_TABLE,
+                sql.SQL(", ").join(
+                    sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder()) for c in values
+                ),
+            ),
+            [*values.values(), team_id],
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    store.notified("t:" + team_id)
+    return _ignored(f, "/team/update", Answer(200, {"team_id": team_id, "data": row_json(row)}))
+
+
+async def delete_teams(store: KeyStore, body: dict[str, Any]) -> Answer:
+    """LiteLLM's /team/delete: the teams and their keys, copied to LiteLLM's audit tables
+    first; every team must exist, or nothing is deleted."""
+    f = Fields(body)
+    team_ids = f.strings("team_ids")
+    if not team_ids:
+        raise bad_request("team_ids: give the list of team ids to delete.", "team_ids")
+    async with _conn(store) as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        keys = await _archive_keys(cur, "team_id", team_ids)
+        teams = await _archive(
+            cur,
+            "LiteLLM_TeamTable",
+            "LiteLLM_DeletedTeamTable",
+            _ARCHIVED_TEAM_COLUMNS,
+            "team_id",
+            team_ids,
+        )
+        missing = sorted(set(team_ids) - {t["team_id"] for t in teams})
+        if missing:
+            raise GatewayError(
+                404,
+                f"team_ids: not found, nothing was deleted: {', '.join(missing)}",
+                param="team_ids",
+            )
+        # As LiteLLM: the users' team lists no longer name them.
+        await cur.execute(
+            sql.SQL(
+                "UPDATE {} SET teams = ARRAY(SELECT unnest(teams) EXCEPT SELECT unnest(%s::text[]))"
+                " WHERE teams && %s::text[]"
+            ).format(USER_TABLE),
+            (team_ids, team_ids),
+        )
+    for team_id in team_ids:
+        store.notified("t:" + team_id)
+    for key in keys:
+        store.notified("k:" + key["token"])
+    return _ignored(
+        f,
+        "/team/delete",
+        Answer(200, {"deleted_teams": team_ids, "deleted_keys": [k["token"] for k in keys]}),
+    )
+
+
+async def list_teams(store: KeyStore, query: dict[str, str]) -> Answer:
+    """LiteLLM's /team/list: every team (or those of `user_id` / `organization_id`), each
+    with its keys."""
+    where: list[sql.Composable] = []
+    params: list[Any] = []
+    if query.get("user_id"):
+        where.append(
+            sql.SQL(
+                "(%s = ANY(members) OR team_id IN (SELECT unnest(teams) FROM {}"
+                " WHERE user_id = %s))"
+            ).format(USER_TABLE)
+        )
+        params += [query["user_id"], query["user_id"]]
+    if query.get("organization_id"):
+        where.append(sql.SQL("organization_id = %s"))
+        params.append(query["organization_id"])
+    condition = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")
+    async with _conn(store) as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            sql.SQL("SELECT * FROM {}").format(TEAM_TABLE)
+            + condition
+            + sql.SQL(" ORDER BY created_at, team_id"),
+            params,
+        )
+        teams = [row_json(r) for r in await cur.fetchall()]
+        await cur.execute(
+            sql.SQL("SELECT * FROM {} WHERE team_id = ANY(%s) ORDER BY created_at").format(
+                KEY_TABLE
+            ),
+            ([t["team_id"] for t in teams],),
+        )
+        keys: dict[str, list[dict[str, Any]]] = {}
+        for key in await cur.fetchall():
+            keys.setdefault(key["team_id"], []).append(row_json(key))
+    for team in teams:
+        team["keys"] = keys.get(team["team_id"], [])
+    return Answer(200, teams)
+
+
+# LiteLLM's user roles (LitellmUserRoles).
+USER_ROLES = frozenset(
+    {
+        "proxy_admin",
+        "proxy_admin_viewer",
+        "org_admin",
+        "internal_user",
+        "internal_user_viewer",
+        "team",
+        "customer",
+    }
+)
+_USER_SCALARS = {
+    "user_alias": Fields.string,
+    "user_email": Fields.string,
+    "organization_id": Fields.string,
+    "max_budget": Fields.amount,
+    "tpm_limit": Fields.count,
+    "rpm_limit": Fields.count,
+    "max_parallel_requests": Fields.count,
+    "models": Fields.strings,
+}
+# Fields of /user/new that configure the key it makes (auto_create_key), not the user.
+_USER_KEY_FIELDS = ("key_alias", "duration", "aliases", "config", "permissions")
+
+
+async def new_user(store: KeyStore, body: dict[str, Any]) -> Answer:
+    """LiteLLM's /user/new: a user row, added to its `teams`, and (unless auto_create_key
+    is false) a key for it; one transaction."""
+    f = Fields(body)
+    user_id = f.string("user_id") or str(uuid.uuid4())
+    role = f.string("user_role") or "internal_user"
+    if role not in USER_ROLES:
+        raise bad_request(
+            f"user_role: must be one of {sorted(USER_ROLES)}, got {role!r}.", "user_role"
+        )
+    teams = f.strings("teams") or []
+    team_id = f.string("team_id")
+    if team_id and team_id not in teams:
+        teams.append(team_id)
+    now = _now()
+    values: dict[str, Any] = {
+        "user_id": user_id,
+        "user_role": role,
+        "teams": teams,
+        "created_at": now,
+        "updated_at": now,
+    }
+    for name, read in _USER_SCALARS.items():
+        if f.has(name):
+            values[name] = read(f, name)
+    values.setdefault("models", [])
+    values["metadata"] = Jsonb(f.mapping("metadata") or {})
+    if f.has("budget_duration"):
+        seconds = f.duration("budget_duration")
+        values["budget_duration"] = body["budget_duration"]
+        values["budget_reset_at"] = now + timedelta(seconds=seconds or 0)
+    auto_key = f.boolean("auto_create_key")
+    key_fields = Fields(
+        {
+            **{k: body[k] for k in _USER_KEY_FIELDS if body.get(k) is not None},
+            "user_id": user_id,
+            "models": values["models"],
+            **({"team_id": team_id} if team_id else {}),
+        }
+    )
+    raw = "sk-" + secrets.token_urlsafe(16)
+    key_values, _ = _prepare_key(key_fields, raw) if auto_key is not False else ({}, None)
+    f.used.update(k for k in _USER_KEY_FIELDS if k in f.body)
+    f.used.add("send_invite_email")  # LLMux sends no e-mail; harmless to accept
+    columns = list(values)
+    async with _conn(store) as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        try:
+            await cur.execute(
+                sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
+                    USER_TABLE,
+                    sql.SQL(", ").join(map(sql.Identifier, columns)),
+                    sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+                ),
+                [values[c] for c in columns],
+            )
+        except psycopg.errors.UniqueViolation as exc:
+            raise bad_request(
+                f"user_id: user {user_id!r} already exists; use a different user_id.", "user_id"
+            ) from exc
+        user = await cur.fetchone()
+        assert user is not None
+        if teams:
+            member = Jsonb([{"user_id": user_id, "role": "user"}])
+            await cur.execute(
+                sql.SQL(
+                    "UPDATE {} SET members = array_append(members, %s), members_with_roles ="
+                    " CASE WHEN jsonb_typeof(members_with_roles) = 'array'"
+                    " THEN members_with_roles || %s ELSE %s END, updated_at = %s"
+                    " WHERE team_id = ANY(%s) RETURNING team_id"
+                ).format(TEAM_TABLE),
+                (user_id, member, member, now, teams),
+            )
+            found = {r["team_id"] for r in await cur.fetchall()}
+            missing = [t for t in teams if t not in found]
+            if missing:
+                raise bad_request(f"teams: no such team: {', '.join(missing)}.", "teams")
+        out = row_json(user)
+        if auto_key is not False:
+            key = await _insert_key(cur, raw, key_values, None)
+            out.update(
+                key=raw,
+                token=key["token_id"],
+                token_id=key["token_id"],
+                key_name=key["key_name"],
+                key_alias=key["key_alias"],
+                expires=key["expires"],
+                team_id=team_id,
+            )
+    return _ignored(f, "/user/new", Answer(200, out))
+
+
+async def user_info(store: KeyStore, query: dict[str, str]) -> Answer:
+    user_id = query.get("user_id")
+    if not user_id:
+        raise bad_request("user_id: required, as ?user_id=.", "user_id")
+    async with _conn(store) as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            sql.SQL("SELECT * FROM {} WHERE user_id = %s").format(USER_TABLE), (user_id,)
+        )
+        user = await cur.fetchone()
+        if user is None:
+            raise _not_found(f"User {user_id!r}", "user_id")
+        await cur.execute(
+            sql.SQL("SELECT * FROM {} WHERE user_id = %s ORDER BY created_at").format(KEY_TABLE),
+            (user_id,),
+        )
+        keys = [row_json(r) for r in await cur.fetchall()]
+        await cur.execute(
+            sql.SQL(
+                "SELECT * FROM {} WHERE team_id = ANY(%s) OR %s = ANY(members) ORDER BY team_id"
+            ).format(TEAM_TABLE),
+            (user["teams"] or [], user_id),
+        )
+        teams = [row_json(r) for r in await cur.fetchall()]
+    return Answer(
+        200, {"user_id": user_id, "user_info": row_json(user), "keys": keys, "teams": teams}
+    )
+
+
+async def _spend_logs(store: KeyStore, query: dict[str, str]) -> Answer:
+    return Answer(200, await spend_api.spend_logs(store, query))
+
+
+async def _spend_report(store: KeyStore, query: dict[str, str]) -> Answer:
+    return Answer(200, await spend_api.global_spend_report(store, query))

@@ -21,6 +21,8 @@ from typing import Any
 
 import orjson
 
+from llmux_extproc.observability.redact import redact
+
 # The trace id and span id (lowercase hex) of the attempt being handled, if it has any.
 TRACE_IDS: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "llmux_trace_ids", default=None
@@ -112,13 +114,14 @@ class JsonFormatter(logging.Formatter):
             "level": _NAMES.get(record.levelno, record.levelname.lower()),
             "logger": record.name,
             "pid": record.process,
-            "message": record.getMessage(),
+            # Redacted as the text lines were (keys, tokens, personal data: redact.py).
+            "message": redact(record.getMessage()),
         }
         ids = TRACE_IDS.get()
         if ids is not None:
             line["trace_id"], line["span_id"] = ids
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+            line["exception"] = redact(self.formatException(record.exc_info))
         return orjson.dumps(line).decode()
 
 

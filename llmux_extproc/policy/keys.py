@@ -107,6 +107,8 @@ class Principal:
     team_limits: Limits | None = None
     user_limits: Limits | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    # LiteLLM's key `aliases`: a model name the client sends -> the model group it means.
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:

@@ -279,7 +279,7 @@ def _thinking(body: dict[str, Any]) -> dict[str, Any] | None:
     effort = body.get("reasoning_effort")
     if effort is None or effort == "none":
         return None
-    if effort not in THINKING_BUDGETS:
+    if not isinstance(effort, str) or effort not in THINKING_BUDGETS:
         raise GatewayError(
             400,
             f"reasoning_effort must be one of {sorted(THINKING_BUDGETS)} or 'none', "
@@ -820,7 +820,9 @@ class AnthropicStreamTranslator(StreamTranslator):
         if not isinstance(data, dict):
             return
         kind = data.get("type") or event
-        handler = _HANDLERS.get(kind)
+        # An event whose type is no string is no event this knows (fuzzing: a list here
+        # raised TypeError out of the stream).
+        handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is not None:
             handler(self, data)
 

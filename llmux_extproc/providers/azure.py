@@ -78,7 +78,10 @@ def _body(req: ClientRequest, dep: Deployment, version: str, v1: bool) -> bytes 
     if req.stream and not wants_usage and (v1 or version >= STREAM_USAGE_SINCE):
         # As for OpenAI: ask for the usage chunk so the stream is accounted from Azure's own
         # counts (the OpenAI stream translator drops it again for the client).
-        changes["stream_options"] = {**(options or {}), "include_usage": True}
+        changes["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
     return orjson.dumps({**req.body, **changes}) if changes else None
 
 

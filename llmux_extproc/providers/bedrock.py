@@ -262,7 +262,7 @@ def thinking_config(body: JSON, model_id: str, drop: bool) -> JSON | None:
         return {"type": "enabled", "budget_tokens": budget}
     if thinking is not None:
         raise bad_request("'thinking' must be an object.", "thinking")
-    if effort not in THINKING_BUDGETS:
+    if not isinstance(effort, str) or effort not in THINKING_BUDGETS:
         raise bad_request(
             f"'reasoning_effort' must be one of {sorted(THINKING_BUDGETS)} or 'none'.",
             "reasoning_effort",
@@ -454,7 +454,7 @@ def client_tools(tools: Any) -> list[JSON]:
     specs = []
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type") != "function" or not isinstance(function, dict):
+        if function is None or tool.get("type") != "function" or not isinstance(function, dict):
             raise bad_request(f"tools[{i}]: only function tools are supported.", f"tools[{i}]")
         if not isinstance(function.get("name"), str):
             raise bad_request(f"tools[{i}].function.name is required.", f"tools[{i}]")

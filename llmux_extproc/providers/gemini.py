@@ -605,7 +605,7 @@ def _convert_type(kind: Any, out: Json) -> None:
         kind = kinds[0] if kinds else "null"
     if kind is None:
         return
-    if kind not in _SCHEMA_TYPES:
+    if not isinstance(kind, str) or kind not in _SCHEMA_TYPES:
         raise SchemaNotConvertible(f"type {kind!r}")
     out["type"] = str(kind).upper()
 
@@ -707,7 +707,7 @@ def _response_format(fmt: Any) -> Json:
 def _thinking_config(effort: Any) -> Json | None:
     if effort is None:
         return None
-    if effort not in THINKING_BUDGETS:
+    if not isinstance(effort, str) or effort not in THINKING_BUDGETS:
         raise bad_request(
             f"reasoning_effort must be one of {sorted(THINKING_BUDGETS)}, got {effort!r}.",
             "reasoning_effort",
