@@ -430,6 +430,8 @@ def test_nothing_is_exported_when_tracing_is_off(
             )
             if stream:
                 list(reply)  # type: ignore[call-overload]
+        # Off, the client's trace context is one more client header kept from providers.
+        assert "traceparent" not in upstreams[0].last().headers
         # Envoy flushes spans every 5 s and the workers' batches leave within 5 s: wait
         # past both before concluding that nothing came.
         time.sleep(7)

@@ -81,6 +81,7 @@ _BUFFERED_RESPONSE = ProcessingMode(
     response_trailer_mode=ProcessingMode.SKIP,
 )
 
+_TRACE_CONTEXT = ("traceparent", "tracestate")
 _HEADERS_CONTINUE = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _RESPONSE_HEADERS_CONTINUE = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _HOST_ATTRIBUTES = "envoy.filters.http.ext_proc"
@@ -258,7 +259,13 @@ class _HttpStream:
                 self._span_forwards(decision.exchange)
             if decision.held:
                 self.held = decision.exchange.dep.id
-            return forward(decision, self.headers)
+            seen: Iterable[str] = self.headers
+            if self.gateway.tracer is not None:
+                # Tracing on, the trace context is Envoy's attempt span (Envoy rewrote what
+                # the client sent): the provider gets it. Off, the client's is removed with
+                # every other client header.
+                seen = [h for h in self.headers if h not in _TRACE_CONTEXT]
+            return forward(decision, seen)
         if kind == "response_headers":
             return self._response_headers(msg.response_headers)
         if kind == "response_body":
