@@ -444,3 +444,49 @@ def test_nothing_is_exported_when_tracing_is_off(
         access = [x for x in lines if x["model"] in ("gpt-test", "claude")]
         assert len(access) == 3
         assert all(line["trace_id"] is None and line["span_id"] is None for line in access)
+
+
+def test_virtual_keys_team_and_alias_are_on_the_span_never_the_key(
+    receiver: GrpcReceiver,
+    upstreams: tuple[MockUpstream, MockUpstream],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """PostgreSQL (tests/pg.py): a key of a team, with an alias, calls a passed-through model."""
+    import httpx
+
+    from tests.pg import fresh_database
+
+    master = "sk-master-tracing"
+    config = gateway_config(upstreams[0].base_url, upstreams[1].base_url)
+    with fresh_database() as db:
+        config["general_settings"] = {"master_key": master, "database_url": db}
+        config["llmux"] = {"tracing": {"enabled": True, "endpoint": receiver.endpoint}}
+        with running_gateway(config, tmp_path_factory.mktemp("tracing-keys")) as gw:
+
+            def admin(path: str, body: dict[str, Any]) -> dict[str, Any]:
+                reply = httpx.post(
+                    gw.base_url + path,
+                    json=body,
+                    headers={"Authorization": f"Bearer {master}"},
+                    timeout=15,
+                )
+                assert reply.status_code == 200, reply.text
+                answer: dict[str, Any] = reply.json()
+                return answer
+
+            admin("/team/new", {"team_id": "search-team", "team_alias": "search"})
+            key = admin("/key/generate", {"team_id": "search-team", "key_alias": "ci-bot"})["key"]
+            traceparent, trace_id, _ = new_traceparent()
+            openai.OpenAI(
+                base_url=gw.openai_base, api_key=key, max_retries=0
+            ).chat.completions.create(
+                model="gpt-test",
+                messages=[{"role": "user", "content": "who am i"}],
+                extra_headers={"traceparent": traceparent},
+            )
+            spans = receiver.collector.wait(complete, trace_id)
+    request, _, _ = parts(spans)
+    assert request.attributes["llmux.team"] == "search-team"
+    assert request.attributes["llmux.key_alias"] == "ci-bot"
+    for span in spans:
+        assert not any(key in str(v) for v in span.attributes.values())
