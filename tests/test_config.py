@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from llmux_extproc.control.config import ConfigError, load_config, parse_config
 
@@ -75,13 +76,13 @@ def test_unsupported_litellm_settings_are_warned_not_silently_dropped() -> None:
     config = parse_config(
         """
 model_list: []
-router_settings: {routing_strategy: lowest-everything, redis_host: r, made_up: 1}
+router_settings: {routing_strategy: lowest-everything, cache_responses: true, made_up: 1}
 foo: 1
 """
     )
     text = "\n".join(config.warnings)
     assert "lowest-everything" in text
-    assert "router_settings.redis_host: not supported yet" in text
+    assert "router_settings.cache_responses: not supported yet" in text
     assert "router_settings.made_up: unknown setting" in text
     assert "foo: unknown section" in text
 
@@ -391,6 +392,37 @@ def test_valid_hosts_are_taken() -> None:
     ):
         text = f"model_list: [{{model_name: m, litellm_params: {{model: openai/x, api_base: '{api_base}'}}}}]"
         assert parse_config(text).deployments[0].upstream is not None
+
+
+@pytest.mark.parametrize(
+    ("router", "env", "url"),
+    [
+        ({"redis_url": "redis://h:1/2"}, {}, "redis://h:1/2"),
+        (
+            {"redis_host": "h", "redis_port": 7000, "redis_password": "p@ss"},
+            {},
+            "redis://:p%40ss@h:7000/0",
+        ),
+        ({"redis_host": "os.environ/RH"}, {"RH": "from-env"}, "redis://from-env:6379/0"),
+        ({}, {"REDIS_URL": "redis://u:6/0", "REDIS_HOST": "ignored"}, "redis://u:6/0"),
+        (
+            {},
+            {"REDIS_HOST": "e", "REDIS_PORT": "6380", "REDIS_PASSWORD": "x"},
+            "redis://:x@e:6380/0",
+        ),
+        ({}, {}, None),
+    ],
+)
+def test_redis_settings_as_litellm_reads_them(
+    router: dict[str, object], env: dict[str, str], url: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = parse_config(yaml.safe_dump({"model_list": [], "router_settings": router}))
+    assert config.redis_url == url
+    assert not [w for w in config.warnings if "redis" in w]
 
 
 def test_unsupported_general_and_litellm_settings_are_warnings_naming_them() -> None:

@@ -283,9 +283,14 @@ def test_key_info_list_and_update_shapes(gateway: Gateway) -> None:
     assert ignored.status_code == 200
     assert ignored.headers["x-llmux-ignored-fields"] == "send_invite_email"
     assert "x-llmux-not-enforced-fields" not in ignored.headers
-    limited = admin(gateway, "POST", "/key/generate", json={"rpm_limit": 5, "max_budget": 1.0})
-    # Stored for LiteLLM and the next slices, and said not to be enforced yet.
-    assert limited.headers["x-llmux-not-enforced-fields"] == "max_budget,rpm_limit"
+    limited = admin(
+        gateway,
+        "POST",
+        "/key/generate",
+        json={"rpm_limit": 5, "max_budget": 1.0, "model_max_budget": {"gpt-a": 1.0}},
+    )
+    # Stored for LiteLLM; rate limits and budgets are enforced, model_max_budget is not yet.
+    assert limited.headers["x-llmux-not-enforced-fields"] == "model_max_budget"
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,11 @@ def test_readiness_is_envoys_health_check_filter_on_the_workers() -> None:
 def test_drain_refuses_new_requests_except_liveness_and_metrics() -> None:
     doc = _bootstrap()
     names = [f["name"] for f in _filters(doc)]
-    assert names.index("envoy.filters.http.fault") == 1  # right after readiness
+    # Right after readiness, which comes right after removing clients' x-llmux-* headers.
+    assert (
+        names.index("envoy.filters.http.fault")
+        == names.index("envoy.filters.http.health_check") + 1
+    )
     (fault,) = [f for f in _filters(doc) if f["name"] == "envoy.filters.http.fault"]
     config = fault["typed_config"]
     assert config["abort"]["http_status"] == 503

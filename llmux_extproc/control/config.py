@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import yaml
 
@@ -133,6 +133,19 @@ class Settings:
     listener_metrics: str = "auth"
     # Spend log rows a worker holds while PostgreSQL is unreachable; more are dropped.
     spend_log_queue: int = 50_000
+    # Slow and idle clients, and overload (README, Limits and overload). The whole request
+    # (headers and body) must arrive within client_body_timeout (408); a connection without
+    # a request in flight is closed after connection_idle_timeout; Envoy accepts at most
+    # max_connections client connections; at most max_streams_per_worker ext_proc streams
+    # per worker are open at once, and a request past that gets 503 with retry-after.
+    client_body_timeout_s: float = 60.0
+    connection_idle_timeout_s: float = 120.0
+    max_connections: int = 12000
+    # 512: in overload runs Envoy crashed with no cap (6 of 7) or 1,000 (2 of 4), never
+    # with 512 (3 runs) or 300 (5); 512 still lets 512 clients stream at once without a
+    # refusal (closed loop), and at 0.1-0.15 ms of worker CPU a message, 512 translated
+    # streams of ~20 chunks a second would keep a worker busy anyway (docs/architecture.md).
+    max_streams_per_worker: int = 512
 
 
 # LiteLLM's retry_policy classes, and the statuses each stands for. A class set to 0 is
@@ -209,6 +222,9 @@ class Config:
     # general_settings.user_api_key_cache_ttl: how often each worker re-reads its cached
     # keys, the bound on a change whose notification was lost.
     key_cache_ttl_s: float = 10.0
+    # Rate limits and budgets shared by replicas (policy/redis_limits.py); None: each
+    # replica's own (its workers share a file).
+    redis_url: str | None = field(default=None, repr=False)
     # Apply LLMux's migrations at `llmux run` start (LiteLLM: disable_prisma_schema_update,
     # DISABLE_SCHEMA_UPDATE turn it off).
     schema_update: bool = True
@@ -254,10 +270,6 @@ SUPPORTED_ROUTING = {
 # router_settings keys LiteLLM has and LLMux does not honour yet: each is a warning naming
 # it, never silently ignored. (Unknown keys are warned about too.)
 UNSUPPORTED_ROUTER_KEYS = {
-    "redis_host",
-    "redis_port",
-    "redis_password",
-    "redis_url",
     "cache_responses",
     "enable_pre_call_checks",
     "model_group_alias",
@@ -280,6 +292,11 @@ ROUTER_KEYS = {
     "allowed_fails_policy",
     "cooldown_time",
     "disable_cooldowns",
+    # Shared rate limits and budgets (redis_url below).
+    "redis_host",
+    "redis_port",
+    "redis_password",
+    "redis_url",
 }
 PRICE_KEYS = {
     "input_cost_per_token",
@@ -348,6 +365,11 @@ LLMUX_KEYS = {
     "log_level",
     "listener_metrics",
     "spend_log_queue",
+    # Slow and idle clients and overload (LIMIT_KEYS).
+    "client_body_timeout",
+    "connection_idle_timeout",
+    "max_connections",
+    "max_streams_per_worker",
 }
 KNOWN_SECTIONS = {
     "model_list",
@@ -446,6 +468,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
             "general_settings.database_url: virtual keys need general_settings.master_key; "
             "without it every request is let through and the management API is off"
         )
+    redis_url = _redis_url(router, env)
     ttl = general.get("user_api_key_cache_ttl", 10.0)
     key_cache_ttl = _positive(ttl, "general_settings.user_api_key_cache_ttl")
     schema_update = not bool(general.get("disable_prisma_schema_update", False)) and env.get(
@@ -494,6 +517,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         schema_update=schema_update,
         litellm_metrics=prometheus_callback(litellm),
         message_logging=message_logging,
+        redis_url=redis_url,
     )
 
 
@@ -526,6 +550,40 @@ def prometheus_callback(litellm: dict[str, Any]) -> bool:
         if isinstance(names, list) and "prometheus" in names:
             return True
     return False
+
+
+def _redis_url(router: dict[str, Any], env: dict[str, str]) -> str | None:
+    """LiteLLM's Redis settings: router_settings.redis_url, else redis_host/redis_port/
+    redis_password, else REDIS_URL, else REDIS_HOST/REDIS_PORT/REDIS_PASSWORD."""
+    w = "router_settings"
+    url = router.get("redis_url")
+    if url is not None:
+        return _resolve_secret(url, f"{w}.redis_url", env)
+    host = router.get("redis_host")
+    port: Any = router.get("redis_port")
+    password = router.get("redis_password")
+    if host is not None:
+        host = _resolve_secret(host, f"{w}.redis_host", env)
+        if port is not None:
+            port = _resolve_secret(str(port), f"{w}.redis_port", env)
+        if password is not None:
+            password = _resolve_secret(password, f"{w}.redis_password", env)
+    elif env.get("REDIS_URL"):
+        return env["REDIS_URL"]
+    else:
+        host, port, password = (
+            env.get("REDIS_HOST"),
+            env.get("REDIS_PORT"),
+            env.get("REDIS_PASSWORD"),
+        )
+    if not host:
+        return None
+    try:
+        number = int(port or 6379)
+    except ValueError:
+        raise ConfigError(f"{w}.redis_port: expected a port number, got {port!r}") from None
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{number}/0"
 
 
 def _parse_deployment(
@@ -801,6 +859,7 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         drain_timeout_s=_positive(raw.get("drain_timeout", 60), "llmux.drain_timeout"),
         breaker=_breaker(_mapping(raw.get("circuit_breaker"), "llmux.circuit_breaker")),
         spend_log_queue=_spend_log_queue(raw.get("spend_log_queue", 50_000)),
+        **_limits(raw),
     )
 
 
@@ -831,6 +890,31 @@ def _spend_log_queue(value: Any) -> int:
     if size < 1:
         raise ConfigError("llmux.spend_log_queue: must be at least 1 (rows per worker)")
     return size
+
+
+# llmux: keys for slow and idle clients and overload -> Settings fields.
+LIMIT_KEYS = {
+    "client_body_timeout": "client_body_timeout_s",
+    "connection_idle_timeout": "connection_idle_timeout_s",
+    "max_connections": "max_connections",
+    "max_streams_per_worker": "max_streams_per_worker",
+}
+
+
+def _limits(raw: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, name in LIMIT_KEYS.items():
+        if key not in raw:
+            continue
+        where = f"llmux.{key}"
+        if key in ("max_connections", "max_streams_per_worker"):
+            value = _int(raw[key], where)
+            if value < 1:
+                raise ConfigError(f"{where}: must be at least 1, got {value}")
+            out[name] = value
+        else:
+            out[name] = _positive(raw[key], where)
+    return out
 
 
 def _access_log(value: Any) -> str:

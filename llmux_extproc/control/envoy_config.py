@@ -22,6 +22,8 @@ from llmux_extproc.db import management
 from llmux_extproc.errors import error_type
 
 METRICS_CLUSTER = "llmux_metrics"
+# The workers again, for Envoy's access-log streams to them (see _extproc_log_cluster).
+EXTPROC_LOG_CLUSTER = "llmux_extproc_log"
 CONTROL_CLUSTER = "llmux_control"  # the supervisor's upstream-log server (controlplane.py)
 UPSTREAM_LOG_NAME = "llmux-attempts"
 # Dynamic metadata namespace the processor writes (per-request log fields, reply marks).
@@ -112,26 +114,38 @@ def rds_document(config: Config, version: str) -> dict[str, Any]:
     }
 
 
-def _extproc_cluster(config: Config, paths: RuntimePaths) -> dict[str, Any]:
+def _extproc_log_cluster(config: Config, paths: RuntimePaths) -> dict[str, Any]:
+    """The same workers, for Envoy's access-log streams to them (accounting, releasing
+    reservations): a cluster of their own, so requests shed at `max_streams_per_worker` can
+    never take the places those streams need (measured: on the shared cluster, a burst of 46
+    shed requests made 65 more stream openings overflow, the access log's among them)."""
+    cluster = _extproc_cluster(config, paths, name=EXTPROC_LOG_CLUSTER)
+    cluster["circuit_breakers"] = {
+        "thresholds": [
+            {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 100000}
+        ]
+    }
+    return cluster
+
+
+def _extproc_cluster(
+    config: Config, paths: RuntimePaths, name: str = EXTPROC_CLUSTER
+) -> dict[str, Any]:
     endpoints = [
         {"endpoint": {"address": {"pipe": {"path": str(paths.extproc_socket(i))}}}}
         for i in range(config.settings.workers)
     ]
     return {
-        "name": EXTPROC_CLUSTER,
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
         "load_assignment": {
-            "cluster_name": EXTPROC_CLUSTER,
+            "cluster_name": name,
             "endpoints": [{"lb_endpoints": endpoints}],
         },
         **_extproc_healing(),
-        "circuit_breakers": {
-            "thresholds": [
-                {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 100000}
-            ]
-        },
+        "circuit_breakers": {"thresholds": [_extproc_thresholds(config)]},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 _TYPE: _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -140,6 +154,24 @@ def _extproc_cluster(config: Config, paths: RuntimePaths) -> dict[str, Any]:
                 },
             }
         },
+    }
+
+
+def _extproc_thresholds(config: Config) -> dict[str, int]:
+    """Load shedding. Every request holds an ext_proc stream while a worker handles it (a
+    translated stream, for its whole life): past `max_streams_per_worker` per worker, Envoy
+    refuses to open more and the request gets a 503 with retry-after at once, in Envoy
+    (local_reply_config), costing no worker anything. Without a cap, translated streams at
+    1,000-1,500 req/s on one worker were dropped by the worker's gRPC server (CANCELLED) or
+    found it unhealthy (its health checks timing out), answered 503 without retry-after or
+    504 after seconds, and Envoy crashed (SIGSEGV) in 6 runs of 7; with a cap of 512 (the
+    default) or 300, only these immediate 503s and no crash in 8 runs
+    (docs/architecture.md)."""
+    s = config.settings
+    return {
+        "max_connections": 10000,
+        "max_pending_requests": 10000,
+        "max_requests": s.workers * s.max_streams_per_worker,
     }
 
 
@@ -238,6 +270,7 @@ def _with_drain_reply(local_reply: dict[str, Any]) -> dict[str, Any]:
     mapper = {
         "filter": {"response_flag_filter": {"flags": ["FI"]}},
         "body": {"inline_string": "LLMux is shutting down; retry the request"},
+        "headers_to_add": [_retry_after()],
         "body_format_override": {
             "json_format": {
                 "error": {
@@ -519,8 +552,100 @@ def _local_reply_config() -> dict[str, Any]:
         }
         if status in messages:
             mapper["body"] = {"inline_string": messages[status]}
+        if status == 503:
+            mapper["headers_to_add"] = [_retry_after()]
         mappers.append(mapper)
     return {"mappers": mappers}
+
+
+# -- slow and idle clients, connection cap (README, Limits and overload) ------------------
+
+# Seconds a client is told to wait before retrying a 503 LLMux gives for its own state
+# (overload, a worker gone, draining): long enough for a shed burst to clear, short
+# enough that the OpenAI SDK's own retries (0.5-8 s back-off) do not wait longer.
+RETRY_AFTER_S = 1
+# What the connection manager records for its request timeouts (no response flag): the
+# whole-request timer (request_timeout) and the headers timer (request_headers_timeout).
+CLIENT_TIMEOUT_DETAILS = ("request_overall_timeout", "request_header_timeout")
+
+
+def _retry_after() -> dict[str, Any]:
+    return {
+        "header": {"key": "retry-after", "value": str(RETRY_AFTER_S)},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
+
+
+def _add_client_timeouts(hcm: dict[str, Any], config: Config) -> None:
+    """A client trickling its request is answered 408 once `client_body_timeout` has passed
+    since its first byte, however steadily it trickles: Envoy's request_timeout runs from the
+    start of the request until the whole request has been received, and stops there, so a
+    long answer is not cut by it (the route timeout bounds that). A connection with no
+    request in flight is closed after `connection_idle_timeout` (HTTP/1: closed without a
+    byte; HTTP/2: Envoy's GOAWAY, not measured), including one that never sent anything."""
+    s = config.settings
+    hcm["request_timeout"] = _duration(s.client_body_timeout_s)
+    # Merged, not set: other HTTP protocol options may live in the same message.
+    options = hcm.setdefault("common_http_protocol_options", {})
+    options["idle_timeout"] = _duration(s.connection_idle_timeout_s)
+
+
+def _with_limit_replies(config: Config, local_reply: dict[str, Any]) -> dict[str, Any]:
+    """Envoy's answers for the limits, in OpenAI's shape, ahead of the generic mappers.
+    Neither has a response flag, only response code details, matched here: the 408 of a
+    client too slow to send its request (the processor's own 408s, from a provider's
+    timeout, carry the details `llmux`), and the 503 of a request shed because the workers
+    hold `max_streams_per_worker` streams each (the ext_proc stream could not be opened:
+    measured details `ext_proc_error_gRPC_error_14{..._reset_reason:_overflow{...}}`)."""
+    s = config.settings
+    timeout = " || ".join(f"response.code_details == '{d}'" for d in CLIENT_TIMEOUT_DETAILS)
+    shed = "response.code_details.startsWith('ext_proc_error') && "
+    shed += "response.code_details.contains('overflow')"
+    too_slow = _details_reply(
+        timeout,
+        408,
+        "The request was not received in full within "
+        f"llmux.client_body_timeout ({s.client_body_timeout_s:g}s)",
+    )
+    overloaded = _details_reply(
+        shed,
+        503,
+        f"LLMux is at its limit of {s.max_streams_per_worker} requests per worker "
+        "(llmux.max_streams_per_worker); retry after the retry-after header's seconds",
+    )
+    overloaded["headers_to_add"] = [_retry_after()]
+    return {**local_reply, "mappers": [too_slow, overloaded, *local_reply["mappers"]]}
+
+
+def _details_reply(expression: str, status: int, message: str) -> dict[str, Any]:
+    # The status is compared first: every other local reply (the processor's answers, the
+    # mock's 200s among them) passes without a CEL evaluation.
+    status_is = {
+        "status_code_filter": {
+            "comparison": {
+                "op": "EQ",
+                "value": {
+                    "default_value": status,
+                    "runtime_key": f"llmux.local_reply.limit.{status}",
+                },
+            }
+        }
+    }
+    return {
+        "filter": {"and_filter": {"filters": [status_is, _cel(expression)]}},
+        "body": {"inline_string": message},
+        "body_format_override": {
+            "json_format": {
+                "error": {
+                    "message": "%LOCAL_REPLY_BODY%",
+                    "type": error_type(status),
+                    "param": None,
+                    "code": str(status),
+                }
+            },
+            "content_type": "application/json",
+        },
+    }
 
 
 # Envoy's replies to requests it cannot take as HTTP (its codec's and the connection
@@ -682,6 +807,32 @@ def _request_decompressor() -> dict[str, Any]:
     }
 
 
+def _overload_manager(config: Config) -> dict[str, Any]:
+    """At most `max_connections` client connections at once, over every listener but the
+    internal sink. Past it Envoy closes each new connection as it accepts it, without a
+    byte (spike: no HTTP answer is possible there, and this monitor cannot trigger the
+    overload actions that answer 503; see docs/architecture.md); counted in
+    `listener.<address>.downstream_global_cx_overflow`."""
+    return {
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    _TYPE: _T + "envoy.extensions.resource_monitors.downstream_connections.v3."
+                    "DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": config.settings.max_connections,
+                },
+            }
+        ]
+    }
+
+
+def _internal(listener: dict[str, Any]) -> dict[str, Any]:
+    # The sink listener's connections come from Envoy itself (llmux_local): they must never
+    # be refused because clients filled the connection cap.
+    return {**listener, "ignore_global_conn_limit": True}
+
+
 _ON = {"default_value": True, "runtime_key": "llmux.request_decompression"}
 _OFF = {"default_value": False, "runtime_key": "llmux.response_decompression"}
 
@@ -760,23 +911,44 @@ def _stream_accounting_log() -> dict[str, Any]:
     """Answers Envoy passes on by itself are accounted from their access-log entries, which
     Envoy sends to the workers in batches over gRPC: one message per batch, not per request
     or chunk."""
+    passed_through = {
+        "metadata_filter": {
+            "matcher": {
+                "filter": METADATA_NAMESPACE,
+                "path": [{"key": "envoy_accounts"}],
+                "value": {"present_match": True},
+            },
+            "match_if_key_not_found": False,  # the default (True) would log every request
+        }
+    }
+    # Envoy's own failures (any response flag: no upstream, timeout, reset...) and the
+    # processor failing: nobody else ends these requests' rate-limit reservations
+    # (policy/limits.py), which the worker then releases. Failed requests only.
+    envoy_failed = {
+        "or_filter": {
+            "filters": [
+                {"response_flag_filter": {}},
+                {
+                    "extension_filter": {
+                        "name": "envoy.access_loggers.extension_filters.cel",
+                        "typed_config": {
+                            _TYPE: _T
+                            + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                            "expression": "response.code_details.startsWith('ext_proc_error')",
+                        },
+                    }
+                },
+            ]
+        }
+    }
     return {
         "name": "envoy.access_loggers.http_grpc",
-        "filter": {
-            "metadata_filter": {
-                "matcher": {
-                    "filter": METADATA_NAMESPACE,
-                    "path": [{"key": "envoy_accounts"}],
-                    "value": {"present_match": True},
-                },
-                "match_if_key_not_found": False,  # the default (True) would log every request
-            }
-        },
+        "filter": {"or_filter": {"filters": [passed_through, envoy_failed]}},
         "typed_config": {
             _TYPE: _T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {
                 "log_name": ACCESS_LOG_NAME,
-                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_LOG_CLUSTER}},
                 "transport_api_version": "V3",
                 "buffer_flush_interval": f"{ACCOUNTING_FLUSH_S}s",
             },
@@ -895,7 +1067,7 @@ def bootstrap(
         "always_set_request_id_in_response": True,
         "access_log": _access_log(config),
         "local_reply_config": _with_drain_reply(
-            _with_protocol_error_replies(_local_reply_config())
+            _with_limit_replies(config, _with_protocol_error_replies(_local_reply_config()))
         ),
         "http_filters": [
             _internal_headers_filter(),
@@ -920,6 +1092,7 @@ def bootstrap(
             },
         ],
     }
+    _add_client_timeouts(hcm, config)
     if s.tracing.enabled:
         hcm["tracing"] = envoy_tracing.hcm_tracing(s.tracing)
     if static_clusters:
@@ -953,6 +1126,7 @@ def bootstrap(
     }
     clusters = [
         _extproc_cluster(config, paths),
+        _extproc_log_cluster(config, paths),
         _metrics_cluster(config),
         _control_cluster(paths),
     ]
@@ -960,9 +1134,10 @@ def bootstrap(
         clusters.append(envoy_tracing.otlp_cluster(s.tracing))
     doc: dict[str, Any] = {
         "node": {"id": "llmux", "cluster": "llmux"},
+        "overload_manager": _overload_manager(config),
         "admin": {"address": address(s.admin)},
         "static_resources": {
-            "listeners": [listener, envoy_routing.sink_listener(paths.sink_port)],
+            "listeners": [listener, _internal(envoy_routing.sink_listener(paths.sink_port))],
             "clusters": clusters,
         },
         "layered_runtime": {

@@ -77,7 +77,7 @@ def mesh_bootstrap(
     resources = doc["static_resources"]
     resources["clusters"] = [
         _remote_processors(c, target.host, target.port, tls)
-        if c["name"] == envoy_routing.EXTPROC_CLUSTER
+        if c["name"] in (envoy_routing.EXTPROC_CLUSTER, envoy_config.EXTPROC_LOG_CLUSTER)
         else c
         for c in resources["clusters"]
         if c["name"] not in WITHOUT_SUPERVISOR

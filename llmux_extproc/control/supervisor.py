@@ -27,6 +27,7 @@ import http.client
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -161,6 +162,47 @@ def _can_connect(listen: Listen) -> bool:
     return True
 
 
+# File descriptors Envoy needs besides its client connections and their upstream ones:
+# listeners, ext_proc and control sockets, files, the admin API (a generous round figure).
+FD_RESERVE = 1024
+
+
+def fds_needed(max_connections: int) -> int:
+    """Each client connection can hold an upstream connection too (HTTP/1.1 to the
+    provider while its answer streams), so two descriptors per connection, plus a reserve."""
+    return 2 * max_connections + FD_RESERVE
+
+
+def raise_fd_limit(max_connections: int) -> tuple[int, int]:
+    """Raise this process's RLIMIT_NOFILE soft limit to its hard limit (what an
+    unprivileged process may do), before Envoy and the workers are started, so they
+    inherit it; warn when even that is below what `max_connections` needs. Returns the
+    (soft, hard) limits now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, fds_needed(max_connections))
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning(
+                "could not raise the file-descriptor limit from %d to %d: %s", soft, hard, exc
+            )
+    need = fds_needed(max_connections)
+    if soft < need:
+        log.warning(
+            "file-descriptor limit %d is below the %d that llmux.max_connections (%d) may need"
+            " (two per connection and %d more); Envoy may run out of descriptors before the cap."
+            " Raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, the container's nofile)"
+            " or lower llmux.max_connections",
+            soft,
+            need,
+            max_connections,
+            FD_RESERVE,
+        )
+    return soft, hard
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,6 +237,8 @@ class Supervisor:
 
     def start(self) -> None:
         s = self.config.settings
+        soft, _ = raise_fd_limit(s.max_connections)
+        log.info("file-descriptor limit %d; at most %d client connections", soft, s.max_connections)
         self.write_snapshot(self._text)
         for i in range(s.workers):
             self.workers.append(self._spawn_worker(i))
@@ -682,6 +726,12 @@ RESTART_ONLY = {
     "tracing": "tracing",
     # Each worker's spend log queue is made at its start.
     "spend_log_queue": "spend_log_queue",
+    # Envoy's connection manager and overload manager (bootstrap).
+    "client_body_timeout_s": "client_body_timeout",
+    "connection_idle_timeout_s": "connection_idle_timeout",
+    "max_connections": "max_connections",
+    # The ext_proc cluster's circuit breaker (bootstrap).
+    "max_streams_per_worker": "max_streams_per_worker",
 }
 
 
@@ -697,6 +747,9 @@ def _check_reloadable(old: Config, new: Config) -> None:
     # Each worker holds a pool and a listener on the database it started with.
     if old.database_url != new.database_url:
         raise ConfigError("general_settings.database_url: changing it needs a restart of llmux run")
+    if old.redis_url != new.redis_url:
+        # Each worker connects to Redis at its start (rate limits and budgets).
+        raise ConfigError("router_settings.redis_*: changing Redis needs a restart of llmux run")
     if (old.master_key is None) != (new.master_key is None) and new.database_url:
         raise ConfigError(
             "general_settings.master_key: setting or removing it with a database needs a restart"

@@ -45,7 +45,11 @@ class StreamAccounting(AccessLogServiceServicer):  # type: ignore[misc]
         async for message in request_iterator:
             for entry in message.http_logs.log_entry:
                 metadata = entry.common_properties.metadata.filter_metadata
-                if METADATA_NAMESPACE not in metadata:
+                marks = metadata.get(METADATA_NAMESPACE)
+                if marks is None or "envoy_accounts" not in marks.fields:
+                    # Ended by Envoy (or by the processor failing): its reservation, if
+                    # any, is released; a processor that answered has settled it first.
+                    self.gateway.release_later(entry.request.request_id)
                     continue
                 try:
                     if STREAM_NAMESPACE in metadata and not _has_usage(metadata):
@@ -86,6 +90,8 @@ class StreamAccounting(AccessLogServiceServicer):  # type: ignore[misc]
             duration_s=common.duration.ToTimedelta().total_seconds(),
             caller=_caller(marks),
             request_id=entry.request.request_id,
+            # Only requests a limit or budget admitted carry it (gateway._passthrough_marks).
+            settle_id=marks["rid"].string_value if "rid" in marks else None,
         )
 
 

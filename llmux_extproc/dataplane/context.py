@@ -24,6 +24,9 @@ class Caller:
     principal: Principal | None = None
     admin: bool = False  # the master key: may call the management API
     token: str | None = None  # the key's sha256 (LiteLLM's token): spend logs
+    # A rate limit or budget applies (the key's, team's or user's): worked out once per
+    # cached principal; asking the limiter cost 8 us even for a key with none.
+    limited: bool = False
 
     @classmethod
     def of(cls, principal: Principal) -> Caller:
@@ -33,6 +36,7 @@ class Caller:
             principal.user_id,
             principal,
             token=principal.token,
+            limited=principal.limited,
         )
 
 

@@ -15,6 +15,7 @@ accounted later by `account_passthrough`), a `StreamSession` chunk by chunk, or
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -47,9 +48,11 @@ from llmux_extproc.db.keystore import KeyStore
 from llmux_extproc.errors import GatewayError, bad_request, error_type
 from llmux_extproc.observability import metrics
 from llmux_extproc.observability.tracing import WorkerTracer, answer_marks, request_marks
+from llmux_extproc.policy import budgets
 from llmux_extproc.policy.auth import authenticate, client_key
 from llmux_extproc.policy.bulkhead import Bulkhead
 from llmux_extproc.policy.keys import Missing, Principal, hash_key, principal_refusal
+from llmux_extproc.policy.limits import Limiter, ratelimit_headers
 from llmux_extproc.providers.base import (
     Adapter,
     ClientRequest,
@@ -106,6 +109,19 @@ def dropped_client_headers(request_headers: Iterable[str], keep: Container[str])
     ]
 
 
+_log = logging.getLogger("llmux.gateway")
+
+
+class Refused(Exception):
+    """A request a rate limit or budget refuses: its error and headers (retry-after,
+    x-ratelimit-*)."""
+
+    def __init__(self, error: GatewayError, headers: dict[str, str]) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.headers = headers
+
+
 @dataclass(slots=True)
 class Immediate:
     """An answer LLMux gives without calling a provider."""
@@ -136,6 +152,9 @@ class Exchange:
     ctx: RequestContext = field(
         default_factory=lambda: RequestContext(DEFAULT_CALLER, Attempt(1, None))
     )
+    # The request id of a rate-limit/budget reservation to settle when the answer ends.
+    settle_id: str | None = None
+    limit_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*
 
 
 @dataclass(slots=True)
@@ -217,6 +236,15 @@ class State:
             if isinstance(access, list):
                 groups.setdefault(d.model_name, set()).update(str(g) for g in access)
         self.access_groups = {name: frozenset(g) for name, g in groups.items()}
+        # The dearest (input, output) price among the deployments that may answer a group:
+        # what a budget reservation assumes, as any of them may take the request.
+        self.max_prices: dict[str, tuple[float, float]] = {}
+        for name, answering in self.answering.items():
+            found = [self.prices[d.id] for d in config.deployments if d.model_name in answering]
+            self.max_prices[name] = (
+                max((p.input_cost_per_token or 0.0 for p in found if p), default=0.0),
+                max((p.output_cost_per_token or 0.0 for p in found if p), default=0.0),
+            )
         self.model_created = created = int(time.time())
         self.model_list = orjson.dumps(
             {
@@ -268,6 +296,10 @@ class Gateway:
         # The caller's part of a passed-through answer's marks, encoded once per key: its
         # four fields cost 2.2 us per answer to encode (measured), a lookup 0.05 us.
         self._caller_marks: dict[str, tuple[Principal, Encoded]] = {}
+        # Rate limits and budgets (policy/limits.py), set by the worker with virtual keys.
+        self.limiter: Limiter | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._settling: set[asyncio.Task[None]] = set()
 
     def reload(self, config: Config) -> None:
         # One assignment: a request sees the old state or the new one, never a mix.
@@ -451,6 +483,7 @@ class Gateway:
         """The buffered request body of an authenticated attempt: translate it for the
         deployment Envoy chose."""
         state = self.state
+        settle_id: str | None = None
         try:
             limit = state.config.settings.max_request_body_bytes
             if len(body) > limit:
@@ -481,6 +514,7 @@ class Gateway:
                 )
                 if refusal is not None:
                     raise refusal
+            settle_id, limit_headers = await self._limit(principal, req, len(body), ctx)
             dep = ctx.attempt.deployment
             if dep is None and _nesting(req.body) >= ENCODE_DEPTH - _PROVIDER_NESTING:
                 # Envoy's JSON reader gives up before orjson's (measured: 800 levels read,
@@ -493,12 +527,17 @@ class Gateway:
                 )
             adapter = adapter_for(dep.spec)
             if isinstance(adapter, MockAdapter):
-                return self._mock(req, dep, adapter, state, ctx)
+                return self._mock(req, dep, adapter, state, ctx, settle_id, limit_headers)
             if not adapter.ready(dep):
                 await adapter.prepare(dep)
             upstream = adapter.request(req, dep)
             held = self._admit(dep)
+        except Refused as refused:
+            err = refused.error
+            return Immediate(err.status, err.body(), refused.headers, {"error": err.type})
         except GatewayError as err:
+            if settle_id is not None:  # admitted, then refused here (translation, bulkhead)
+                self._settle(settle_id, 0, 0.0)
             return _error(err)
         except orjson.JSONEncodeError:
             # orjson parses 1024 levels of nesting but encodes only 254 (measured): a body
@@ -513,13 +552,90 @@ class Gateway:
         remove: tuple[str, ...] = ()
         if ctx.attempt.number > 1:
             remove = tuple(h for h in PROVIDER_HEADERS if h not in upstream.headers)
+        exchange = Exchange(req, dep, adapter, state.prices.get(dep.id), time.monotonic(), ctx)
+        exchange.settle_id, exchange.limit_headers = settle_id, limit_headers
         return Forward(
             authority=dep.upstream.authority,
             upstream=upstream,
-            exchange=Exchange(req, dep, adapter, state.prices.get(dep.id), time.monotonic(), ctx),
+            exchange=exchange,
             remove_headers=remove,
             held=held,
         )
+
+    async def _limit(
+        self, principal: Principal | None, req: ClientRequest, raw_length: int, ctx: RequestContext
+    ) -> tuple[str | None, dict[str, str]]:
+        """Rate limits and budgets, once per request: its first attempt admits and reserves
+        (one call to the limiter: no Redis, a local transaction; with Redis, one round
+        trip), the answer settles (`_account`). Returns the reservation to settle and the
+        x-ratelimit-* headers; raises `Refused`."""
+        limiter = self.limiter
+        if principal is None or limiter is None or not ctx.caller.limited or not ctx.request_id:
+            return None, {}
+        state = self.state
+        now = time.time()
+        ask = budgets.ask_for(
+            principal,
+            ctx.request_id,
+            req.model,
+            req.body,
+            raw_length,
+            state.max_prices.get(req.model, (0.0, 0.0)),
+            now,
+            state.config.settings.request_timeout_s + 60.0,
+        )
+        if ask.empty:
+            return None, {}
+        if ctx.attempt.number > 1:
+            # Admitted by the first attempt; settled once, by whichever attempt answers.
+            # Its headers come from a look at the buckets (a retry's cost only).
+            return ctx.request_id, ratelimit_headers(await limiter.peek(ask.limits))
+        decision = await limiter.admit(ask)
+        headers = ratelimit_headers(decision.headroom)
+        if not decision.admitted:
+            err = budgets.refusal(decision)
+            metrics.RATE_LIMITED.labels(err.param or "").inc()
+            if err.status == 429:
+                headers["retry-after"] = str(max(1, round(decision.retry_after_s)))
+            raise Refused(err, headers)
+        return ctx.request_id, headers
+
+    def release_later(self, request_id: str) -> None:
+        """Release the reservation of a request Envoy ended itself (no upstream, timeout,
+        the processor gone): nothing else would before it expires. A second later, so
+        that a processor that did answer (a translated stream the client left) settles
+        with the real usage first; settling twice is a no-op."""
+        if self.limiter is None or self.loop is None or not request_id:
+            return
+        loop = self.loop
+        loop.call_soon_threadsafe(loop.call_later, 1.0, self._settle, request_id, 0, 0.0)
+
+    def _settle(self, request_id: str, tokens: int, cost: float) -> None:
+        """Settle a reservation off the request's path (a Redis round trip at most);
+        callable from the accounting thread too."""
+        limiter, loop = self.limiter, self.loop
+        if limiter is None or loop is None:
+            return
+
+        async def settle() -> None:
+            try:
+                budgets.soft_budget_crossed(await limiter.settle(request_id, tokens, cost))
+            except Exception:
+                _log.exception("could not settle the reservation of request %s", request_id)
+
+        def start() -> None:
+            task = loop.create_task(settle())
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            start()
+        else:
+            loop.call_soon_threadsafe(start)
 
     def _admit(self, dep: Deployment) -> bool:
         """The deployment's bulkhead (max_parallel_requests): True when this attempt holds
@@ -547,10 +663,13 @@ class Gateway:
         adapter: MockAdapter,
         state: State,
         ctx: RequestContext,
+        settle_id: str | None = None,
+        limit_headers: dict[str, str] | None = None,
     ) -> Immediate:
         started = time.monotonic()
         body, usage, content_type = adapter.answer(req, dep)
         exchange = Exchange(req, dep, adapter, state.prices.get(dep.id), started, ctx)
+        exchange.settle_id, exchange.limit_headers = settle_id, limit_headers or {}
         action = self._account(exchange, 200, usage, None)
         return Immediate(200, body, {**action.headers, "content-type": content_type}, action.log)
 
@@ -604,6 +723,8 @@ class Gateway:
             marks["caller"] = known[1]
         elif caller.admin:
             marks["admin"] = True
+        if exchange.settle_id:  # the access log entry settles the reservation
+            marks["rid"] = exchange.settle_id
         if self.tracer is not None:
             marks.update(trace_marks(exchange))
         return marks
@@ -620,6 +741,7 @@ class Gateway:
         duration_s: float,
         caller: Caller = DEFAULT_CALLER,
         request_id: str = "",
+        settle_id: str | None = None,
     ) -> None:
         """Account an answer Envoy passed on by itself, from its access log entry.
 
@@ -628,6 +750,8 @@ class Gateway:
         state = self.state
         dep = state.by_id.get(deployment_id)
         if dep is None:  # removed by a reload since; its price went with it
+            if settle_id:
+                self._settle(settle_id, 0, 0.0)
             return
         exchange = Exchange(
             ClientRequest("chat", {}, b"", dep.model_name, stream),
@@ -636,6 +760,7 @@ class Gateway:
             state.prices.get(dep.id),
             time.monotonic() - duration_s,
             RequestContext(caller, Attempt(1, dep), request_id),
+            settle_id=settle_id,
         )
         if status >= 400:  # response.lua found no JSON in a 2xx answer
             metrics.UPSTREAM_ERRORS.labels(error_type(status)).inc()
@@ -729,6 +854,8 @@ class Gateway:
             log["error"] = err.type
             if final:
                 self._log_spend(ex, err.status, None, 0.0, err.type)
+            if final and ex.settle_id:
+                self._settle(ex.settle_id, 0, 0.0)
             return ResponseAction(err.status, err.body(), headers, log)
         cost = 0.0
         if usage is not None:
@@ -744,6 +871,9 @@ class Gateway:
                 headers["x-llmux-response-cost"] = headers["x-litellm-response-cost"] = repr(cost)
                 log["cost"] = cost
         self._log_spend(ex, status, usage, cost, None)
+        if final and ex.settle_id:
+            used = 0 if usage is None else usage.prompt_tokens + usage.completion_tokens
+            self._settle(ex.settle_id, used, cost)
         return ResponseAction(status, body, headers, log)
 
     def _log_spend(
@@ -995,6 +1125,7 @@ def attempt_headers(ex: Exchange) -> dict[str, str]:
         "x-litellm-model-id": ex.dep.id,
         "x-litellm-attempted-retries": str(attempt.retries),
         "x-litellm-attempted-fallbacks": str(attempt.priority),
+        **ex.limit_headers,
     }
 
 

@@ -28,6 +28,7 @@ from llmux_extproc.dataplane.extproc import Processor
 from llmux_extproc.dataplane.gateway import Gateway
 from llmux_extproc.observability import logs, metrics
 from llmux_extproc.policy.bulkhead import Bulkhead
+from llmux_extproc.policy.limits import Limiter
 
 log = logging.getLogger("llmux.worker")
 
@@ -63,6 +64,23 @@ def _needs_tokenizer(config: Config) -> bool:
     return config.settings.stream_accounting == "processor" or any(
         d.provider == "mock" for d in config.deployments
     )
+
+
+def make_limiter(config: Config, runtime_dir: str | None) -> Limiter:
+    """Rate limits and budgets: Redis when configured (replicas share them), in front of
+    this replica's own state (its workers share a SQLite file; alone, a dict)."""
+    from llmux_extproc.policy.limits import LocalLimiter, MemoryState, SharedState
+
+    state = SharedState(Path(runtime_dir, "limits.sqlite")) if runtime_dir else MemoryState()
+    local = LocalLimiter(state)
+    if not config.redis_url:
+        return local
+
+    from llmux_extproc.policy.redis_limits import RedisLimiter, redis_client
+
+    # Changing the Redis settings needs a restart, as database_url does.
+    client = redis_client(config.redis_url)
+    return RedisLimiter(client, local, os.environ.get("LLMUX_REDIS_PREFIX", "llmux:"))
 
 
 def grpc_options() -> list[tuple[str, int]]:
@@ -121,6 +139,8 @@ async def serve(
         # Changing database_url needs a restart (the supervisor refuses it as a reload).
         gateway.keys = KeyStore(config.database_url, config.key_cache_ttl_s)
         await gateway.keys.start()
+        gateway.limiter = make_limiter(config, runtime_dir)
+        gateway.loop = asyncio.get_running_loop()
         spend_writer = _spend_writer(gateway)
     else:
         spend_writer = None

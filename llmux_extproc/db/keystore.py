@@ -50,7 +50,7 @@ POOL_MAX = 3
 _PRINCIPAL_SQL = """
 SELECT k.token, k.key_name, k.key_alias, k.user_id, k.team_id, k.budget_id, k.models,
        k.blocked, k.expires, k.rpm_limit, k.tpm_limit, k.max_parallel_requests,
-       k.max_budget, k.budget_duration, k.spend, k.metadata, k.aliases,
+       k.max_budget, k.budget_duration, k.spend, k.metadata, k.aliases, k.budget_reset_at,
        b.soft_budget AS b_soft_budget, b.max_budget AS b_max_budget,
        b.rpm_limit AS b_rpm_limit, b.tpm_limit AS b_tpm_limit,
        b.max_parallel_requests AS b_max_parallel_requests,
@@ -59,10 +59,11 @@ SELECT k.token, k.key_name, k.key_alias, k.user_id, k.team_id, k.budget_id, k.mo
        t.rpm_limit AS t_rpm_limit, t.tpm_limit AS t_tpm_limit,
        t.max_parallel_requests AS t_max_parallel_requests, t.max_budget AS t_max_budget,
        t.soft_budget AS t_soft_budget, t.budget_duration AS t_budget_duration,
-       t.spend AS t_spend, t.metadata AS t_metadata,
+       t.spend AS t_spend, t.metadata AS t_metadata, t.budget_reset_at AS t_budget_reset_at,
        u.user_id AS u_user_id, u.rpm_limit AS u_rpm_limit, u.tpm_limit AS u_tpm_limit,
        u.max_parallel_requests AS u_max_parallel_requests, u.max_budget AS u_max_budget,
-       u.budget_duration AS u_budget_duration, u.spend AS u_spend
+       u.budget_duration AS u_budget_duration, u.spend AS u_spend,
+       u.budget_reset_at AS u_budget_reset_at
 FROM "LiteLLM_VerificationToken" k
 LEFT JOIN "LiteLLM_TeamTable" t ON t.team_id = k.team_id
 LEFT JOIN "LiteLLM_UserTable" u ON u.user_id = k.user_id
@@ -135,6 +136,7 @@ def principal_from_row(row: Mapping[str, Any]) -> Principal:
             soft_budget=row["b_soft_budget"],
             budget_duration=_first(row["budget_duration"], row["b_budget_duration"]),
             spend=float(row["spend"] or 0.0),
+            budget_reset_at=_epoch(row["budget_reset_at"]),
             model_rpm_limit=_int_map(metadata.get("model_rpm_limit")),
             model_tpm_limit=_int_map(metadata.get("model_tpm_limit")),
         ),
@@ -146,6 +148,7 @@ def principal_from_row(row: Mapping[str, Any]) -> Principal:
             soft_budget=row["t_soft_budget"],
             budget_duration=row["t_budget_duration"],
             spend=float(row["t_spend"] or 0.0),
+            budget_reset_at=_epoch(row["t_budget_reset_at"]),
             model_rpm_limit=_int_map(team_metadata.get("model_rpm_limit")),
             model_tpm_limit=_int_map(team_metadata.get("model_tpm_limit")),
         )
@@ -158,6 +161,7 @@ def principal_from_row(row: Mapping[str, Any]) -> Principal:
             max_budget=row["u_max_budget"],
             budget_duration=row["u_budget_duration"],
             spend=float(row["u_spend"] or 0.0),
+            budget_reset_at=_epoch(row["u_budget_reset_at"]),
         )
         if row["u_user_id"] is not None
         else None,

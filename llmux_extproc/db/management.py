@@ -192,19 +192,12 @@ class Fields:
         return sorted(set(self.body) - self.used)
 
 
-# Stored as LiteLLM stores them (LiteLLM reads them back), not enforced by LLMux yet: rate
-# limits and budgets come with the next slices of docs/architecture.md's design.
+# Stored as LiteLLM stores them (LiteLLM reads them back), not enforced by LLMux yet. Rate
+# limits and budgets (rpm_limit, tpm_limit, max_parallel_requests, model_rpm_limit,
+# model_tpm_limit, max_budget, soft_budget, budget_duration, budget_id) are enforced
+# (policy/limits.py).
 NOT_ENFORCED = frozenset(
     {
-        "rpm_limit",
-        "tpm_limit",
-        "max_parallel_requests",
-        "model_rpm_limit",
-        "model_tpm_limit",
-        "max_budget",
-        "soft_budget",
-        "budget_duration",
-        "budget_id",
         "model_max_budget",
         "allowed_routes",
         "allowed_cache_controls",

@@ -412,6 +412,15 @@ def streamed(
             c["l_tpot"].observe(per_token_s)
 
 
+# Rate limits and budgets (policy/limits.py): refusals by LiteLLM's field (rpm_limit,
+# tpm_limit, max_parallel_requests, model_rpm_limit, model_tpm_limit, max_budget).
+RATE_LIMITED = Counter("llmux_admission_refused", "Requests refused by a limit", ["limit"])
+SOFT_BUDGET_EXCEEDED = Counter(
+    "llmux_soft_budget_exceeded", "Settlements at or above a soft_budget", ["scope"]
+)
+REDIS_ERRORS = Counter("llmux_redis_errors", "Redis calls that failed or timed out")
+
+
 def serve(host: str, port: int) -> None:
     """Serve /metrics in a background thread (all workers' figures in multiprocess mode)."""
     registry = None

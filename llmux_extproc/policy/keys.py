@@ -73,8 +73,8 @@ ALL_MODELS: Final = ModelScope()
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What LiteLLM's rows say one key, team or user may use. Kept for the rate-limit and
-    budget slices (docs/architecture.md); nothing enforces them yet."""
+    """What LiteLLM's rows say one key, team or user may use; `policy/limits.py` and
+    `policy/budgets.py` enforce them."""
 
     rpm_limit: int | None = None
     tpm_limit: int | None = None
@@ -83,8 +83,22 @@ class Limits:
     soft_budget: float | None = None
     budget_duration: str | None = None
     spend: float = 0.0
+    budget_reset_at: float | None = None  # epoch seconds: the end of the budget's window
     model_rpm_limit: Mapping[str, int] = field(default_factory=dict)
     model_tpm_limit: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def enforced(self) -> bool:
+        """Whether anything here needs the limiter (policy/limits.py)."""
+        return (
+            self.rpm_limit is not None
+            or self.tpm_limit is not None
+            or self.max_parallel_requests is not None
+            or self.max_budget is not None
+            or self.soft_budget is not None
+            or bool(self.model_rpm_limit)
+            or bool(self.model_tpm_limit)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +123,14 @@ class Principal:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     # LiteLLM's key `aliases`: a model name the client sends -> the model group it means.
     aliases: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def limited(self) -> bool:
+        """Whether the key, its team or its user has a rate limit or budget."""
+        return any(
+            lim is not None and lim.enforced
+            for lim in (self.limits, self.team_limits, self.user_limits)
+        )
 
     @property
     def label(self) -> str:
