@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -16,13 +15,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
 def _setup_logging() -> None:
-    """Every LLMux process (supervisor, workers, commands) logs through this: each line is
-    redacted (keys, tokens, emails, phone and card numbers) as it is written. The few lines
-    commands print (config errors and warnings, which quote config values) are redacted
-    the same way."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        redact.install(handler, LOG_FORMAT)
+    """Every LLMux process (supervisor, workers, commands) logs through this: one JSON
+    object per line (observability/logs.py), its message and traceback redacted (keys,
+    tokens, emails, phone and card numbers) as it is written. The few lines commands print
+    (config errors and warnings, which quote config values) are redacted the same way; the
+    config's llmux.log_level applies once it is read."""
+    from llmux_extproc.observability.logs import setup_logging
+
+    setup_logging()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -418,7 +418,7 @@ def test_access_log_line_per_request_without_keys(client: openai.OpenAI, gateway
     line: dict[str, Any] | None = None
     for _ in range(50):
         for text in gateway.log().splitlines():
-            if text.startswith("{") and request_id in text:
+            if text.startswith("{") and request_id in text and '"request_id"' in text:
                 line = orjson.loads(text)
         if line:
             break

@@ -48,7 +48,7 @@ PROVIDER_MAY_SEE = {
     "x-request-id",
     "x-envoy-attempt-count",
 }
-WORKER_RELOADED = re.compile(r" llmux\.worker\[\d+\]: config reloaded")
+WORKER_RELOADED = re.compile(r'"logger":"llmux\.worker","pid":\d+,"message":"config reloaded')
 
 _failed_once: set[str] = set()
 
@@ -127,7 +127,7 @@ def access_log_line(gw: Gateway, request_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + 15
     while True:
         for line in gw.log().splitlines():
-            if request_id in line and line.startswith("{"):
+            if request_id in line and line.startswith("{") and '"request_id"' in line:
                 entry: dict[str, Any] = orjson.loads(line)
                 return entry
         if time.monotonic() > deadline:

@@ -37,8 +37,10 @@ from tests.harness import (
 pytestmark = pytest.mark.e2e
 
 # The supervisor's own line (the workers log theirs as llmux.worker).
-SUPERVISOR_RELOADED = re.compile(r" llmux\[\d+\]: config reloaded")
-WORKER_RELOADED = re.compile(r" llmux\.worker\[\d+\]: config reloaded")
+SUPERVISOR_RELOADED = re.compile(
+    r'"logger":"llmux\.supervisor","pid":\d+,"message":"config reloaded'
+)
+WORKER_RELOADED = re.compile(r'"logger":"llmux\.worker","pid":\d+,"message":"config reloaded')
 
 
 async def slow_openai(request: web.Request, body: bytes) -> web.StreamResponse:

@@ -13,7 +13,7 @@ import hashlib
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from urllib.parse import quote, urlsplit
 
 import yaml
 
+from llmux_extproc.observability.logs import parse_log_levels
+from llmux_extproc.observability.tracing_settings import TracingSettings, parse_tracing
 from llmux_extproc.providers.registry import PROVIDERS, ProviderSpec
 
 
@@ -121,6 +123,10 @@ class Settings:
     # more than failure_rate of at least min_requests attempts in window failed, stays open
     # for open_time, then lets half_open_probes probes through.
     breaker: dict[str, float] = field(default_factory=dict)
+    # OpenTelemetry traces (observability/tracing_settings.py); Envoy takes them at start.
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    # llmux.log_level: (component, level) pairs, "default" first (observability/logs.py).
+    log_levels: tuple[tuple[str, str], ...] = ()
     # /metrics on the public listener: "auth" (the master key, when one is set), "open"
     # (anyone, LiteLLM's default) or "off" (only at `metrics`). Spend by team and model is
     # not for every caller to read.
@@ -328,7 +334,8 @@ LITELLM_ROUTER_KEYS = {
 }
 CALLBACK_KEYS = ("callbacks", "success_callback", "failure_callback")
 # Callback names LLMux honours; any other name in those lists is a warning naming it.
-SUPPORTED_CALLBACKS = {"prometheus"}
+# "otel" turns tracing on (LiteLLM's way of asking for OpenTelemetry).
+SUPPORTED_CALLBACKS = {"prometheus", "otel"}
 LITELLM_KEYS = {
     "drop_params",
     # Secrets and privacy (README): /metrics on the listener, provider messages in the log.
@@ -354,6 +361,8 @@ LLMUX_KEYS = {
     "reload_poll_interval",
     "drain_timeout",
     "circuit_breaker",
+    "tracing",
+    "log_level",
     "listener_metrics",
     "spend_log_queue",
     # Slow and idle clients and overload (LIMIT_KEYS).
@@ -466,8 +475,10 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         "DISABLE_SCHEMA_UPDATE", ""
     ).lower() not in ("1", "true", "yes")
 
-    settings = _parse_settings(_mapping(raw.get("llmux"), "llmux"))
+    llmux_raw = _mapping(raw.get("llmux"), "llmux")
+    settings = _parse_settings(llmux_raw)
     settings = _listener_metrics(settings, raw.get("llmux") or {}, litellm)
+    settings = _with_observability(settings, llmux_raw, litellm, env, warnings)
     message_logging = litellm.get("turn_off_message_logging", True) is False
     model_list = raw.get("model_list") or []
     if not isinstance(model_list, list):
@@ -850,6 +861,28 @@ def _parse_settings(raw: dict[str, Any]) -> Settings:
         spend_log_queue=_spend_log_queue(raw.get("spend_log_queue", 50_000)),
         **_limits(raw),
     )
+
+
+def _with_observability(
+    settings: Settings,
+    llmux: dict[str, Any],
+    litellm: dict[str, Any],
+    env: dict[str, str],
+    warnings: list[str],
+) -> Settings:
+    """llmux.tracing (or LiteLLM's callbacks: ["otel"]) and llmux.log_level."""
+    callbacks: list[Any] = []  # names other than otel and prometheus are warned about above
+    for key in CALLBACK_KEYS:
+        value = litellm.get(key) or []
+        callbacks += value if isinstance(value, list) else [value]
+    try:
+        tracing = parse_tracing(
+            _mapping(llmux.get("tracing"), "llmux.tracing"), callbacks, env, warnings
+        )
+        levels = parse_log_levels(llmux.get("log_level"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return replace(settings, tracing=tracing, log_levels=levels)
 
 
 def _spend_log_queue(value: Any) -> int:

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llmux_extproc.control import envoy_routing
+from llmux_extproc.control import envoy_routing, envoy_tracing
 from llmux_extproc.control.config import Config, Listen
 from llmux_extproc.control.envoy_routing import EXTPROC_CLUSTER, RETRY_HEADER
 from llmux_extproc.db import management
@@ -993,6 +993,10 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
         # response.lua computed for whole bodies.
         "envoy_usage": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:usage)%",
         "envoy_cost": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:cost)%",
+        # The request's trace (the client's, when it sent a traceparent) and the span of
+        # Envoy's that the attempts are children of; "-" when tracing is off.
+        "trace_id": "%TRACE_ID%",
+        "span_id": "%SPAN_ID%",
     }
     log_format: dict[str, Any] = {
         "json_format": fmt,
@@ -1089,6 +1093,8 @@ def bootstrap(
         ],
     }
     _add_client_timeouts(hcm, config)
+    if s.tracing.enabled:
+        hcm["tracing"] = envoy_tracing.hcm_tracing(s.tracing)
     if static_clusters:
         hcm["route_config"] = envoy_routing.route_configuration(config, _extra_routes(config))
     else:
@@ -1124,6 +1130,8 @@ def bootstrap(
         _metrics_cluster(config),
         _control_cluster(paths),
     ]
+    if s.tracing.enabled:
+        clusters.append(envoy_tracing.otlp_cluster(s.tracing))
     doc: dict[str, Any] = {
         "node": {"id": "llmux", "cluster": "llmux"},
         "overload_manager": _overload_manager(config),

@@ -52,8 +52,9 @@ from llmux_extproc.control.controlplane import (
 )
 from llmux_extproc.control.envoy_binary import envoy_rejects, find_envoy
 from llmux_extproc.control.envoy_config import RuntimePaths
+from llmux_extproc.observability import logs
 
-log = logging.getLogger("llmux")
+log = logging.getLogger("llmux.supervisor")
 
 
 class StartupError(RuntimeError):
@@ -296,7 +297,11 @@ class Supervisor:
                 "-c",
                 str(self.paths.bootstrap),
                 "--log-level",
-                os.environ.get("LLMUX_ENVOY_LOG_LEVEL", "warning"),
+                os.environ.get("LLMUX_ENVOY_LOG_LEVEL")
+                or logs.envoy_log_level(self.config.settings.log_levels),
+                # Envoy's lines in the shape of LLMux's own: one format on stderr.
+                "--log-format",
+                logs.envoy_log_format(),
                 # Several gateways (and test runs) share a machine: no hot-restart shared memory.
                 "--disable-hot-restart",
                 # Access log lines reach stdout within a second, not Envoy's default 10 s.
@@ -534,6 +539,7 @@ class Supervisor:
         metrics.CONFIG_RELOADS.labels("success").inc()
         for warning in new.warnings:
             log.warning("config: %s", warning)
+        logs.apply_levels(new.settings.log_levels)
         log.info("config reloaded: %d deployments", len(new.deployments))
         # Requests already routed to a removed cluster finish; new ones no longer go there.
         await asyncio.sleep(2)
@@ -716,6 +722,8 @@ RESTART_ONLY = {
     "max_response_body_bytes": "max_response_body_bytes",
     # Envoy's --drain-time-s: how long its listener keeps answering while draining.
     "drain_timeout_s": "drain_timeout",
+    # Envoy's tracer and its collector cluster are in the bootstrap.
+    "tracing": "tracing",
     # Each worker's spend log queue is made at its start.
     "spend_log_queue": "spend_log_queue",
     # Envoy's connection manager and overload manager (bootstrap).
@@ -768,6 +776,7 @@ def migrate_at_start(dsn: str) -> None:
 
 def run(config_path: str | None) -> int:
     text, config = read_config(config_path)
+    logs.apply_levels(config.settings.log_levels)
     for warning in config.warnings:
         log.warning("config: %s", warning)
     sup = Supervisor(config_path, config, text)

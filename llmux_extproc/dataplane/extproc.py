@@ -21,6 +21,7 @@ import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
+import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -46,10 +47,13 @@ from llmux_extproc.dataplane.gateway import (
     StreamSession,
     attempt_headers,
     dropped_client_headers,
+    trace_marks,
 )
 from llmux_extproc.dataplane.marks import encode_marks
 from llmux_extproc.errors import GatewayError
 from llmux_extproc.observability import metrics
+from llmux_extproc.observability.logs import TRACE_IDS, trace_ids_from_traceparent
+from llmux_extproc.observability.tracing import AttemptSpan
 
 log = logging.getLogger("llmux.extproc")
 
@@ -77,6 +81,7 @@ _BUFFERED_RESPONSE = ProcessingMode(
     response_trailer_mode=ProcessingMode.SKIP,
 )
 
+_TRACE_CONTEXT = ("traceparent", "tracestate")
 _HEADERS_CONTINUE = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _RESPONSE_HEADERS_CONTINUE = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _HOST_ATTRIBUTES = "envoy.filters.http.ext_proc"
@@ -214,6 +219,7 @@ class _HttpStream:
         "held",
         "last_reply",
         "session",
+        "span",
         "status",
     )
 
@@ -229,6 +235,8 @@ class _HttpStream:
         # A deployment whose bulkhead place this attempt holds: given back when Envoy ends
         # the stream (the attempt's end), so the RPC is kept open until then.
         self.held: str | None = None
+        # The worker's span of this attempt, only while tracing is on.
+        self.span: AttemptSpan | None = None
 
     async def handle(self, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
         kind = msg.WhichOneof("request")
@@ -243,11 +251,21 @@ class _HttpStream:
                 self.headers.get(":method", "POST"),
             )
             if isinstance(decision, Immediate):
+                if self.span is not None:
+                    self._span_ends(decision.log, decision.status)
                 return immediate(decision)
             self.exchange = decision.exchange
+            if self.span is not None:
+                self._span_forwards(decision.exchange)
             if decision.held:
                 self.held = decision.exchange.dep.id
-            return forward(decision, self.headers)
+            seen: Iterable[str] = self.headers
+            if self.gateway.tracer is not None:
+                # Tracing on, the trace context is Envoy's attempt span (Envoy rewrote what
+                # the client sent): the provider gets it. Off, the client's is removed with
+                # every other client header.
+                seen = [h for h in self.headers if h not in _TRACE_CONTEXT]
+            return forward(decision, seen)
         if kind == "response_headers":
             return self._response_headers(msg.response_headers)
         if kind == "response_body":
@@ -270,18 +288,65 @@ class _HttpStream:
             # listener routes no such path to the processor.
             keys = {k: self.headers[k] for k in CLIENT_KEY_HEADERS if k in self.headers}
         method = self.headers.get(":method", "")
+        tracer = self.gateway.tracer
+        if tracer is not None:
+            # Envoy's span of this attempt is the parent (its context is in the headers).
+            traceparent = self.headers.get("traceparent")
+            ids = trace_ids_from_traceparent(traceparent)
+            if ids is not None:
+                TRACE_IDS.set(ids)  # this task's log lines carry them, sampled or not
+            span = self.span = tracer.attempt(traceparent, ids)
+            if span is not None:
+                span.set("llmux.attempts", int(self.headers.get("x-envoy-attempt-count") or 1))
         answer = self.gateway.on_headers(method, path, keys)
         if isinstance(answer, Pending):  # a key not cached yet: one database query
             answer = await answer.answer
         if isinstance(answer, Immediate):
+            if self.span is not None:
+                self._span_ends(answer.log, answer.status)
             return immediate(answer)
+        if self.span is not None:
+            self.span.event("authenticated")
         self.ctx = self._context(answer, host_deployment(msg))
         if headers.end_of_stream:
             # No body will follow (an empty POST): the body phase would never run.
             decision = await self.gateway.on_body(path, b"", self.ctx, method)
             if isinstance(decision, Immediate):
+                if self.span is not None:
+                    self._span_ends(decision.log, decision.status)
                 return immediate(decision)
         return _HEADERS_CONTINUE
+
+    def _span_forwards(self, exchange: Exchange) -> None:
+        span = self.span
+        assert span is not None
+        dep = exchange.dep
+        # What an attempt Envoy ends before its answer still reports; the answer's marks
+        # (the same and more) are recorded when it comes.
+        span.record({"model": dep.model_name, "deployment": dep.id, "provider": dep.provider})
+        # What the client asked for (a fallback's deployment serves another group).
+        span.set("gen_ai.request.model", exchange.req.model)
+        span.event("translated")
+        tracer = self.gateway.tracer
+        if tracer is not None and tracer.settings.capture_message_content:
+            span.set("gen_ai.input.messages", _json_text(exchange.req.body.get("messages")))
+
+    def _span_ends(
+        self,
+        marks: Mapping[str, Any],
+        status: int,
+        body: bytes | None = None,
+        *,
+        genai: bool = True,
+    ) -> None:
+        span = self.span
+        if span is None:
+            return
+        span.record(marks)
+        tracer = self.gateway.tracer
+        if body is not None and tracer is not None and tracer.settings.capture_message_content:
+            span.set("gen_ai.output.messages", _output_messages(body))
+        span.end(status, marks.get("error"), genai=genai)
 
     def _context(self, caller: Caller, host: tuple[int, str] | None) -> RequestContext:
         number = int(self.headers.get("x-envoy-attempt-count") or 1)
@@ -306,6 +371,9 @@ class _HttpStream:
         if isinstance(handling, PassThrough):
             headers = attempt_headers(self.exchange)
             headers[MARKS_HEADER] = encode_marks(handling.log)
+            # The rest of the answer is Envoy's; its span has the usage and finish reasons.
+            if self.span is not None:
+                self._span_ends(handling.log, self.status, genai=False)
             self.exchange = None
             # The body is Envoy's alone; a held bulkhead place waits for the stream's end.
             self.last_reply = self.held is None
@@ -323,13 +391,21 @@ class _HttpStream:
         # unknown and the type is OpenAI's SSE whatever the provider sent. Its tokens are
         # accounted here at the end; the log line gets what is known now.
         dep = self.exchange.dep
+        marks: dict[str, Any] = {
+            "model": dep.model_name,
+            "deployment": dep.id,
+            "provider": dep.provider,
+        }
+        if self.span is not None:
+            # Envoy's span of the request: the request's attributes (its tokens are counted
+            # at the end of the stream, here, and recorded on the worker's span).
+            marks.update(trace_marks(self.exchange))
+            self.span.event("stream started")
         headers = {
             "content-type": "text/event-stream",
             "cache-control": "no-cache",
             **attempt_headers(self.exchange),
-            MARKS_HEADER: encode_marks(
-                {"model": dep.model_name, "deployment": dep.id, "provider": dep.provider}
-            ),
+            MARKS_HEADER: encode_marks(marks),
         }
         response = pb.ProcessingResponse(
             response_headers=pb.HeadersResponse(
@@ -353,7 +429,9 @@ class _HttpStream:
         response = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
         if msg.end_of_stream:
             self.last_reply = True
-            session.close(completed=True)  # accounted here; the log line has the marks
+            action = session.close(completed=True)  # accounted here; the log has the marks
+            if self.span is not None:
+                self._span_ends(action.log, 200)
         return response
 
     def _response_body(self, body: bytes) -> pb.ProcessingResponse:
@@ -362,6 +440,8 @@ class _HttpStream:
             return pb.ProcessingResponse(response_body=pb.BodyResponse())
         action = self.gateway.handle_response(self.exchange, self.status, body)
         self.exchange = None
+        if self.span is not None:
+            self._span_ends(action.log, action.status, action.body)
         out_headers = _answer_headers(action)
         body_mutation = None
         if action.body is not None:
@@ -381,7 +461,15 @@ class _HttpStream:
 
     def abandon(self) -> None:
         if self.session is not None and not self.session.closed:
-            self.session.close(completed=False)
+            action = self.session.close(completed=False)
+            if self.span is not None:
+                self._span_ends(action.log, 499)
+        span = self.span
+        if span is not None and not span.ended:
+            # Envoy ended the attempt before its answer: a connect failure, a reset, a
+            # timeout, or the client gone; Envoy's attempt span has the reason.
+            span.set("llmux.ended_by_envoy", True)
+            span.end()
         if self.held is not None:
             self.gateway.release(self.held)
             self.held = None
@@ -403,6 +491,22 @@ def _continue(kind: str | None) -> pb.ProcessingResponse:
     if kind in ("request_body", "response_body"):
         return pb.ProcessingResponse(**{kind: pb.BodyResponse()})
     return pb.ProcessingResponse()
+
+
+def _json_text(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _output_messages(body: bytes) -> str:
+    """The answer's messages (gen_ai.output.messages), captured only when configured."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    choices = doc.get("choices") if isinstance(doc, dict) else None
+    if not isinstance(choices, list):
+        return ""
+    return _json_text([c.get("message") for c in choices if isinstance(c, dict)])
 
 
 def _internal_error() -> Immediate:

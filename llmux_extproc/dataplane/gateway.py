@@ -47,6 +47,7 @@ from llmux_extproc.db import management
 from llmux_extproc.db.keystore import KeyStore
 from llmux_extproc.errors import GatewayError, bad_request, error_type
 from llmux_extproc.observability import metrics
+from llmux_extproc.observability.tracing import WorkerTracer, answer_marks, request_marks
 from llmux_extproc.policy import budgets
 from llmux_extproc.policy.auth import authenticate, client_key
 from llmux_extproc.policy.bulkhead import Bulkhead
@@ -287,6 +288,8 @@ class Gateway:
         # The Caller of each cached principal, built once: building one per request cost
         # 1.3 us of the 3.2 us a cache hit took (measured).
         self._callers: dict[str, Caller] = {}
+        # Set by the worker when llmux.tracing is on; None costs nothing per request.
+        self.tracer: WorkerTracer | None = None
         # Spend logs (PostgreSQL), set by the worker with `keys`: rows queued, written in
         # batches by a background task (accounting/spendlog.py).
         self.spend: SpendQueue | None = None
@@ -722,6 +725,8 @@ class Gateway:
             marks["admin"] = True
         if exchange.settle_id:  # the access log entry settles the reservation
             marks["rid"] = exchange.settle_id
+        if self.tracer is not None:
+            marks.update(trace_marks(exchange))
         return marks
 
     def account_passthrough(
@@ -841,6 +846,10 @@ class Gateway:
             self._conventions(ex, status, usage if err is None else None)
         headers = attempt_headers(ex)
         log: dict[str, Any] = {"model": model, "deployment": dep.id, "provider": dep.provider}
+        if self.tracer is not None:
+            log.update(trace_marks(ex))
+            if body is not None:
+                log.update(answer_marks(body))
         if err is not None:
             log["error"] = err.type
             if final:
@@ -1092,6 +1101,19 @@ def deployment_health() -> bytes:
             "healthy_count": len(healthy),
             "unhealthy_count": len(unhealthy),
         }
+    )
+
+
+def trace_marks(ex: Exchange) -> dict[str, Any]:
+    """The request's GenAI attributes for the spans of both tracers (tracing on only)."""
+    caller = ex.ctx.caller
+    return request_marks(
+        ex.req.operation,
+        ex.req.body,
+        ex.dep.provider,
+        caller.team,
+        caller.key_alias,
+        ex.ctx.attempt.number,
     )
 
 

@@ -103,8 +103,33 @@ local function kept_events(complete, strip)
   return table.concat(kept), dropped
 end
 
-local function stream(handle, strip)
-  local pending, n, counted = "", 0, false
+-- trace (only when tracing is on): what the request's span reports of an OpenAI-format answer,
+-- as `llmux` metadata Envoy's tracer reads as tags (control/envoy_tracing.py).
+local function trace_answer(md, text, first)
+  if first then
+    local model = string.match(text, '"model"%s*:%s*"([^"\\]*)"')
+    if model then md:set("llmux", "response_model", model) end
+    local id = string.match(text, '"id"%s*:%s*"([^"\\]*)"')
+    if id then md:set("llmux", "response_id", id) end
+  end
+  local reasons = {}
+  for reason in string.gmatch(text, '"finish_reason"%s*:%s*"([%w_]+)"') do
+    reasons[#reasons + 1] = '"' .. reason .. '"'
+  end
+  if #reasons > 0 then md:set("llmux", "finish_reasons", "[" .. table.concat(reasons, ",") .. "]") end
+end
+
+local function count(text, key)
+  return tonumber(string.match(text, '"' .. key .. '"%s*:%s*(%d+)')) or 0
+end
+
+local function trace_usage(md, text)
+  md:set("llmux", "prompt_tokens", count(text, "prompt_tokens"))
+  md:set("llmux", "completion_tokens", count(text, "completion_tokens"))
+end
+
+local function stream(handle, strip, trace)
+  local pending, n, counted, first = "", 0, false, true
   for chunk in handle:bodyChunks() do
     local data = pending .. chunk:getBytes(0, chunk:length())
     local rewrite = pending ~= "" -- held-back bytes go out with this chunk
@@ -131,6 +156,12 @@ local function stream(handle, strip)
         md:set(STREAM_NS, "prompt", "")
       end
     end
+    if trace and complete ~= "" then
+      local md = handle:streamInfo():dynamicMetadata()
+      trace_answer(md, complete, first)
+      first = false
+      if key_then(complete, '"usage"', "{", 1) then trace_usage(md, complete) end
+    end
     if key_then(complete, '"choices"', "%[%s*%]", 1) then
       local kept, dropped = kept_events(complete, strip) -- some event may have to go
       if dropped then
@@ -139,10 +170,6 @@ local function stream(handle, strip)
     end
     if rewrite or pending ~= "" then chunk:setBytes(complete) end
   end
-end
-
-local function count(text, key)
-  return tonumber(string.match(text, '"' .. key .. '"%s*:%s*(%d+)')) or 0
 end
 
 -- The same arithmetic as llmux_extproc.pricing.cost, for the token kinds OpenAI reports.
@@ -186,6 +213,12 @@ local function body_usage(handle, marks)
     completion_tokens_details = {reasoning_tokens = usage.reasoning},
   })
   local total = cost(marks, usage)
+  if marks["trace"] then
+    local md = handle:streamInfo():dynamicMetadata()
+    trace_answer(md, text, true)
+    trace_usage(md, text)
+    if total ~= nil then md:set("llmux", "cost", total) end
+  end
   if total ~= nil then
     handle:streamInfo():dynamicMetadata():set("llmux.usage", "cost", total)
     local value = string.format("%.17g", total)
@@ -221,7 +254,7 @@ function envoy_on_response(handle)
   local marks = take_marks(handle)
   if marks == nil then return end
   if marks["stream"] then
-    stream(handle, marks["strip_usage"])
+    stream(handle, marks["strip_usage"], marks["trace"])
   elseif marks["body_usage"] then
     body_usage(handle, marks)
   end

@@ -26,7 +26,7 @@ from llmux_extproc.control.controlplane import TOKENS_SOCKET, TokenReporter
 from llmux_extproc.dataplane.accesslog import StreamAccounting
 from llmux_extproc.dataplane.extproc import Processor
 from llmux_extproc.dataplane.gateway import Gateway
-from llmux_extproc.observability import metrics
+from llmux_extproc.observability import logs, metrics
 from llmux_extproc.policy.bulkhead import Bulkhead
 from llmux_extproc.policy.limits import Limiter
 
@@ -54,6 +54,7 @@ class Reloader:
             log.error("config reload rejected, keeping the running config: %s", exc)
             return False
         self.gateway.reload(config)
+        logs.apply_levels(config.settings.log_levels)
         metrics.CONFIG_RELOADS.labels("success").inc()
         log.info("config reloaded: %d deployments", len(config.deployments))
         return True
@@ -117,8 +118,14 @@ async def serve(
     config_path: str | None, address: str, *, watch: bool, tls: ServerTls | None = None
 ) -> None:
     config = load_config(config_path)
+    logs.apply_levels(config.settings.log_levels)
     gateway = Gateway(config)
     reloader = Reloader(config_path, gateway)
+    if config.settings.tracing.enabled:
+        from llmux_extproc.observability.tracing import WorkerTracer
+
+        # Changing llmux.tracing needs a restart (Envoy's tracer is in its bootstrap).
+        gateway.tracer = WorkerTracer(config.settings.tracing)
     gateway.refresh = lambda: reloader.changed() and reloader.reload()
     runtime_dir, worker = os.environ.get("LLMUX_RUNTIME_DIR"), os.environ.get("LLMUX_WORKER")
     if runtime_dir and worker is not None:
@@ -187,6 +194,8 @@ async def serve(
         # Envoy is gone (the supervisor stops it first) and its last access log batch is in:
         # every answer is queued, so what is written now is everything.
         await spend_writer.close()
+    if gateway.tracer is not None:
+        gateway.tracer.shutdown()  # what is still batched goes out
     if gateway.keys is not None:
         await gateway.keys.close()
 
