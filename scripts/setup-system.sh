@@ -1,0 +1,33 @@
+#!/bin/sh
+# Debian packages the tests need, installed by the project itself (nothing by hand).
+# Idempotent and quick when everything is present: dpkg is asked first, apt only
+# for what is missing. One list so helpers' additions merge as lines.
+set -eu
+
+PACKAGES="
+podman
+buildah
+runc
+debootstrap
+uidmap
+fuse-overlayfs
+slirp4netns
+"
+
+missing=""
+for p in $PACKAGES; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing="$missing $p"
+    fi
+done
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup-system: missing Debian packages:$missing (run as root: apt-get install -y --no-install-recommends$missing)" >&2
+    exit 1
+fi
+echo "setup-system: installing$missing"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing
