@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?=
 
-.PHONY: run test lint unit e2e bench bench-compare refresh-data clean
+.PHONY: run test lint unit e2e bench bench-compare refresh-data clean system image image-sizes
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+# Debian packages the tests need (podman, buildah, runc, debootstrap): installed by the
+# project, quick when present.
+system:
+	sh scripts/setup-system.sh
+
+test: lint system
 	$(BIN)/pytest -q
+
+# ghcr.io/llmux/llmux and ghcr.io/llmux/llmux-extproc, tagged with the package version
+# (deploy/Containerfile; the first build on a machine debootstraps its base, ~3 min).
+image: $(STAMP) system
+	$(BIN)/python -m scripts.image build
+
+image-sizes: $(STAMP)
+	$(BIN)/python -m scripts.image sizes
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
