@@ -100,6 +100,19 @@ def ulimits() -> list[str]:
     return ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", f"nproc={nproc}:{nproc}"]
 
 
+def kube_env() -> dict[str, str]:
+    """Environment for `podman kube play`, which has no --ulimit flag: the same limits as
+    ulimits(), through a containers.conf of our own (CONTAINERS_CONF)."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nproc = min(resource.getrlimit(resource.RLIMIT_NPROC)[1], 32768)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    conf = CACHE / "containers.conf"
+    conf.write_text(
+        f'[containers]\ndefault_ulimits = ["nofile={nofile}:{nofile}", "nproc={nproc}:{nproc}"]\n'
+    )
+    return {**os.environ, "CONTAINERS_CONF": str(conf)}
+
+
 def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=False, text=True, **kwargs)  # type: ignore[call-overload, no-any-return]
 

@@ -12,6 +12,7 @@ debootstrap
 uidmap
 fuse-overlayfs
 slirp4netns
+catatonit
 "
 
 missing=""

@@ -12,11 +12,13 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import httpx
 import openai
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scripts import image
@@ -164,3 +166,64 @@ def test_extproc_image_serves_grpc_health_read_only(images: dict[str, str]) -> N
             "print(os.getuid())\n",
         )
         assert probe.stdout.split() == ["no", "envoy", "10001"], probe
+
+
+def test_kube_play_runs_the_gateway_manifest(images: dict[str, str], tmp_path: Path) -> None:
+    """deploy/k8s/gateway.yaml as rendered from the chart, run as a pod by `podman kube
+    play` with the built image: its ConfigMap mounted, its security context (uid 10001,
+    read-only root, the emptyDirs), its probes. Changed only where a single host differs
+    from a cluster: one replica, a hostPort to reach it, and the Secret's master key as a
+    plain env var (podman 4.3 reads `envFrom: secretRef` from its own secret store, in a
+    format of its own)."""
+    port = free_port()
+    master = "sk-kube-play-test"
+    docs = [
+        d for d in yaml.safe_load_all((image.ROOT / "deploy/k8s/gateway.yaml").read_text()) if d
+    ]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment["spec"]["replicas"] = 1
+    (pod_container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert pod_container["image"] == images["llmux"]
+    assert pod_container.pop("envFrom") == [{"secretRef": {"name": "llmux-secrets"}}]
+    pod_container["env"] = [{"name": "LLMUX_MASTER_KEY", "value": master}]
+    http = next(p for p in pod_container["ports"] if p["containerPort"] == 4000)
+    http.update(hostPort=port, hostIP="127.0.0.1")
+    manifest = tmp_path / "gateway.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+
+    env = image.kube_env()
+    play = subprocess.run(
+        image.podman("kube", "play", "--replace", str(manifest)),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    try:
+        assert play.returncode == 0, play.stderr
+        pod_name = "llmux-pod-0-llmux"
+        waited = wait_ready(f"http://127.0.0.1:{port}/health/ready", pod_name)
+        print(f"\nkube play pod ready {waited:.2f} s after the pod started")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=master)
+        reply = client.chat.completions.create(
+            model="llmux-mock", messages=[{"role": "user", "content": "from a pod"}]
+        )
+        assert (
+            reply.choices[0].message.content == "This is a mock response from LLMux to: from a pod"
+        )
+        wrong = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong")
+        with pytest.raises(openai.AuthenticationError):
+            wrong.chat.completions.create(
+                model="llmux-mock", messages=[{"role": "user", "content": "x"}]
+            )
+        user = subprocess.run(
+            image.podman("inspect", "--format", "{{.Config.User}}", pod_name),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert user.stdout.strip().startswith("10001"), user
+    finally:
+        subprocess.run(
+            image.podman("kube", "down", str(manifest)), capture_output=True, env=env, check=False
+        )
