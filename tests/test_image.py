@@ -227,3 +227,120 @@ def test_kube_play_runs_the_gateway_manifest(images: dict[str, str], tmp_path: P
         subprocess.run(
             image.podman("kube", "down", str(manifest)), capture_output=True, env=env, check=False
         )
+
+
+def test_kube_play_runs_the_sidecar_manifest(images: dict[str, str], tmp_path: Path) -> None:
+    """deploy/k8s/sidecar.yaml: LLMux beside an application in one pod, listening on a Unix
+    socket in the shared emptyDir. The application is a stand-in (the extproc image's
+    Python, idle); the OpenAI SDK reaches the socket through the emptyDir's directory on
+    the host, where the application's container would."""
+    master = "sk-kube-play-sidecar"
+    docs = [
+        d for d in yaml.safe_load_all((image.ROOT / "deploy/k8s/sidecar.yaml").read_text()) if d
+    ]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment["spec"]["replicas"] = 1
+    app, llmux = deployment["spec"]["template"]["spec"]["containers"]
+    assert (app["name"], llmux["name"], llmux["image"]) == ("app", "llmux", images["llmux"])
+    app.update(
+        image=images["llmux-extproc"],
+        command=["/opt/llmux/bin/python", "-c", "import time; time.sleep(3600)"],
+    )
+    llmux.pop("envFrom")
+    llmux["env"] = [{"name": "LLMUX_MASTER_KEY", "value": master}]
+    manifest = tmp_path / "sidecar.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+
+    env = image.kube_env()
+    play = subprocess.run(
+        image.podman("kube", "play", "--replace", str(manifest)),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    try:
+        assert play.returncode == 0, play.stderr
+        mounts = subprocess.run(
+            image.podman(
+                "inspect",
+                "--format",
+                '{{range .Mounts}}{{.Destination}}={{.Source}}{{"\\n"}}{{end}}',
+                "llmux-pod-0-llmux",
+            ),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        shared = dict(line.split("=", 1) for line in mounts.split())["/run/llmux-shared"]
+        sock = Path(shared) / "llmux.sock"
+        started = time.monotonic()
+        while not sock.exists() and time.monotonic() - started < READY_WITHIN:
+            time.sleep(0.05)
+        assert sock.exists(), logs("llmux-pod-0-llmux")[-4000:]
+        transport = httpx.HTTPTransport(uds=str(sock))
+        client = openai.OpenAI(
+            base_url="http://llmux/v1",
+            api_key=master,
+            http_client=httpx.Client(transport=transport),
+        )
+        reply = None
+        while reply is None and time.monotonic() - started < READY_WITHIN:
+            try:
+                reply = client.chat.completions.create(
+                    model="llmux-mock", messages=[{"role": "user", "content": "over the socket"}]
+                )
+            except openai.APIConnectionError:
+                time.sleep(0.1)
+            except openai.InternalServerError:  # 503 while the workers come up
+                time.sleep(0.1)
+        assert reply is not None, logs("llmux-pod-0-llmux")[-4000:]
+        assert reply.choices[0].message.content == (
+            "This is a mock response from LLMux to: over the socket"
+        )
+    finally:
+        subprocess.run(
+            image.podman("kube", "down", str(manifest)), capture_output=True, env=env, check=False
+        )
+
+
+def test_kube_play_runs_the_mesh_manifest(images: dict[str, str], tmp_path: Path) -> None:
+    """deploy/k8s/mesh.yaml: the processor alone (llmux-extproc image) as a pod, serving
+    grpc.health.v1 on 50051 (what the platform's Envoy and the kubelet's gRPC probe ask)."""
+    port = free_port()
+    docs = [d for d in yaml.safe_load_all((image.ROOT / "deploy/k8s/mesh.yaml").read_text()) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment["spec"]["replicas"] = 1
+    (proc,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert proc["image"] == images["llmux-extproc"]
+    proc.pop("envFrom")
+    proc["env"] = [{"name": "LLMUX_MASTER_KEY", "value": "sk-mesh"}]
+    grpc_port = next(p for p in proc["ports"] if p["containerPort"] == 50051)
+    grpc_port.update(hostPort=port, hostIP="127.0.0.1")
+    manifest = tmp_path / "mesh.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+
+    env = image.kube_env()
+    play = subprocess.run(
+        image.podman("kube", "play", "--replace", str(manifest)),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    try:
+        assert play.returncode == 0, play.stderr
+        started = time.monotonic()
+        status = None
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while status is None and time.monotonic() - started < READY_WITHIN:
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                except grpc.RpcError:
+                    time.sleep(0.05)
+        assert status == health_pb2.HealthCheckResponse.SERVING, logs("llmux-pod-0-llmux")[-4000:]
+    finally:
+        subprocess.run(
+            image.podman("kube", "down", str(manifest)), capture_output=True, env=env, check=False
+        )
