@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import httpx2
 import openai
 import pytest
 import yaml
@@ -278,11 +279,12 @@ def test_kube_play_runs_the_sidecar_manifest(images: dict[str, str], tmp_path: P
         while not sock.exists() and time.monotonic() - started < READY_WITHIN:
             time.sleep(0.05)
         assert sock.exists(), logs("llmux-pod-0-llmux")[-4000:]
-        transport = httpx.HTTPTransport(uds=str(sock))
+        # openai 3.x takes an httpx2 client (its fork of httpx), which has the same UDS
+        # transport.
         client = openai.OpenAI(
             base_url="http://llmux/v1",
             api_key=master,
-            http_client=httpx.Client(transport=transport),
+            http_client=openai.DefaultHttpxClient(transport=httpx2.HTTPTransport(uds=str(sock))),
         )
         reply = None
         while reply is None and time.monotonic() - started < READY_WITHIN:
