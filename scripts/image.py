@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTAINERFILE = ROOT / "deploy" / "Containerfile"
 CACHE = Path(os.environ.get("LLMUX_IMAGE_CACHE", "~/.cache/llmux-image")).expanduser()
 REGISTRY = "ghcr.io/llmux"
-TARGETS = ("llmux-extproc", "llmux")  # the gateway image is built on the extproc one
+TARGETS = ("llmux-extproc", "llmux")
+BUILD_STAGE = "localhost/llmux-build-stage:latest"  # the gateway image is built on the extproc one
 
 # What the build stage needs on top of minbase. The final stages copy only what the
 # gateway uses out of it (deploy/image/collect.py), so these never reach an image whole.
@@ -193,8 +194,12 @@ def build(targets: tuple[str, ...] = TARGETS, quiet: bool = False) -> dict[str, 
     """Build the images (cached layers reused); returns target -> image name."""
     base = ensure_base()
     names: dict[str, str] = {}
-    for target in targets:
-        name = image_name(target)
+    # The build stage is tagged too, so that pruning below keeps its layers (the pip
+    # install of the dependencies above all) as the cache of the next build, while the
+    # layers of earlier sources, untagged now, go: without this the store grew by ~1 GB
+    # for every source change.
+    for target in ("build", *targets):
+        name = BUILD_STAGE if target == "build" else image_name(target)
         cmd = podman(
             "build",
             "--layers",
@@ -222,7 +227,9 @@ def build(targets: tuple[str, ...] = TARGETS, quiet: bool = False) -> dict[str, 
         if proc.returncode != 0:
             tail = (proc.stdout or "")[-3000:] + (proc.stderr or "")[-2000:] if quiet else ""
             raise ImageError(f"podman build --target {target} failed{': ' + tail if tail else ''}")
-        names[target] = name
+        if target != "build":
+            names[target] = name
+    run(podman("image", "prune", "--force"), capture_output=True)
     return names
 
 
