@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?=
 
-.PHONY: run test lint system dashboard unit e2e bench bench-compare refresh-data clean
+.PHONY: run test lint system dashboard image image-sizes unit e2e bench bench-compare refresh-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Debian packages the tests need (prometheus, podman, buildah, runc, debootstrap): installed by the
+# project, quick when present.
+system:
+	sh scripts/setup-system.sh
+
 test: lint system
 	$(BIN)/pytest -q
 
-# System packages pip cannot install (Debian's prometheus, for the dashboard's e2e test).
-system:
-	bash scripts/setup-system.sh
+# ghcr.io/llmux/llmux and ghcr.io/llmux/llmux-extproc, tagged with the package version
+# (deploy/Containerfile; the first build on a machine debootstraps its base, ~3 min).
+image: $(STAMP) system
+	$(BIN)/python -m scripts.image build
+
+image-sizes: $(STAMP)
+	$(BIN)/python -m scripts.image sizes
 
 # deploy/grafana/llmux.json and deploy/prometheus/llmux-rules.yml from deploy/dashboard.py.
 dashboard: $(STAMP)
