@@ -16,6 +16,7 @@ import compileall
 import importlib
 import os
 import pkgutil
+import py_compile
 import re
 import shutil
 import subprocess
@@ -65,11 +66,8 @@ def prune_xds_protos() -> tuple[int, int]:
     for mod in pkgutil.walk_packages(llmux_extproc.__path__, "llmux_extproc."):
         if not mod.name.endswith("__main__"):  # that one runs the CLI
             importlib.import_module(mod.name)
-    loaded = {
-        Path(m.__file__).resolve()
-        for m in list(sys.modules.values())
-        if getattr(m, "__file__", None)
-    }
+    files = (getattr(m, "__file__", None) for m in list(sys.modules.values()))
+    loaded = {Path(f).resolve() for f in files if f}
     record = next(SITE.glob("xds_protos-*.dist-info")) / "RECORD"
     kept = deleted = 0
     for line in record.read_text().splitlines():
@@ -239,7 +237,7 @@ def main() -> None:
                 source,
                 quiet=2,
                 legacy=not keep_source,
-                invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH,
+                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
                 stripdir=str(extproc),
                 prependdir="/",
             )
