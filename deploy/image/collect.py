@@ -30,7 +30,8 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 HERE = Path(__file__).resolve().parent
 UID = GID = 10001
 
-# Not needed at run time: installers, and stdlib parts no server imports.
+# Not needed at run time: installers, and stdlib parts no server imports (sqlite3 stays:
+# the rate limiter's per-replica store, policy/limits.py).
 SITE_DROP = ("pip", "setuptools", "_distutils_hack", "pkg_resources", "wheel")
 STDLIB_DROP = (
     "test",
@@ -44,14 +45,13 @@ STDLIB_DROP = (
     "distutils",
     "venv",
     "unittest",
-    "sqlite3",
     "dbm",
     "curses",
     "config-3.11-x86_64-linux-gnu",
     "site-packages",
     "dist-packages",
 )
-DYNLOAD_DROP = re.compile(r"^_(tkinter|test|ctypes_test|xxtest|xxsub|curses|dbm|gdbm|sqlite3)")
+DYNLOAD_DROP = re.compile(r"^_(tkinter|test|ctypes_test|xxtest|xxsub|curses|dbm|gdbm)")
 
 
 def run(*cmd: str) -> str:
