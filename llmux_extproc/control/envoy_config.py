@@ -271,17 +271,7 @@ def _with_drain_reply(local_reply: dict[str, Any]) -> dict[str, Any]:
         "filter": {"response_flag_filter": {"flags": ["FI"]}},
         "body": {"inline_string": "LLMux is shutting down; retry the request"},
         "headers_to_add": [_retry_after()],
-        "body_format_override": {
-            "json_format": {
-                "error": {
-                    "message": "%LOCAL_REPLY_BODY%",
-                    "type": error_type(503),
-                    "param": None,
-                    "code": "503",
-                }
-            },
-            "content_type": "application/json",
-        },
+        "body_format_override": _openai_error_format(503, "%LOCAL_REPLY_BODY%"),
     }
     return {**local_reply, "mappers": [mapper, *local_reply["mappers"]]}
 
@@ -538,17 +528,7 @@ def _local_reply_config() -> dict[str, Any]:
         }
         mapper: dict[str, Any] = {
             "filter": {"and_filter": {"filters": [status_is, not_ours]}},
-            "body_format_override": {
-                "json_format": {
-                    "error": {
-                        "message": "%LOCAL_REPLY_BODY%",
-                        "type": error_type(status),
-                        "param": None,
-                        "code": str(status),
-                    }
-                },
-                "content_type": "application/json",
-            },
+            "body_format_override": _openai_error_format(status, "%LOCAL_REPLY_BODY%"),
         }
         if status in messages:
             mapper["body"] = {"inline_string": messages[status]}
@@ -634,17 +614,7 @@ def _details_reply(expression: str, status: int, message: str) -> dict[str, Any]
     return {
         "filter": {"and_filter": {"filters": [status_is, _cel(expression)]}},
         "body": {"inline_string": message},
-        "body_format_override": {
-            "json_format": {
-                "error": {
-                    "message": "%LOCAL_REPLY_BODY%",
-                    "type": error_type(status),
-                    "param": None,
-                    "code": str(status),
-                }
-            },
-            "content_type": "application/json",
-        },
+        "body_format_override": _openai_error_format(status, "%LOCAL_REPLY_BODY%"),
     }
 
 
