@@ -231,6 +231,19 @@ class MethodNotAllowed(GatewayError):
         self.allow = ", ".join(allowed)
 
 
+async def _insert(cur: Any, table: sql.Composable, values: dict[str, Any]) -> None:
+    """INSERT ... RETURNING * of one row whose columns are the keys of `values`."""
+    columns = list(values)
+    await cur.execute(
+        sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
+            table,
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
+            sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+        ),
+        [values[c] for c in columns],
+    )
+
+
 async def handle(store: KeyStore, method: str, path: str, body: bytes) -> Answer:
     """Answer one management request (the caller checked the master key)."""
     route, _, query = path.partition("?")
@@ -432,16 +445,8 @@ async def _insert_key(
         await _alias_taken(cur, values["key_alias"], None)
     if soft_budget is not None and values.get("budget_id") is None:
         values["budget_id"] = await _new_budget(cur, soft_budget, values["created_at"])
-    columns = list(values)
     try:
-        await cur.execute(
-            sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
-                KEY_TABLE,
-                sql.SQL(", ").join(map(sql.Identifier, columns)),
-                sql.SQL(", ").join(sql.Placeholder() * len(columns)),
-            ),
-            [values[c] for c in columns],
-        )
+        await _insert(cur, KEY_TABLE, values)
     except psycopg.errors.UniqueViolation as exc:
         raise bad_request("key: this key already exists.", "key") from exc
     except psycopg.errors.ForeignKeyViolation as exc:
@@ -738,17 +743,9 @@ async def new_team(store: KeyStore, body: dict[str, Any]) -> Answer:
         seconds = f.duration("budget_duration")
         values["budget_duration"] = body["budget_duration"]
         values["budget_reset_at"] = now + timedelta(seconds=seconds or 0)
-    columns = list(values)
     async with _conn(store) as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         try:
-            await cur.execute(
-                sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
-                    TEAM_TABLE,
-                    sql.SQL(", ").join(map(sql.Identifier, columns)),
-                    sql.SQL(", ").join(sql.Placeholder() * len(columns)),
-                ),
-                [values[c] for c in columns],
-            )
+            await _insert(cur, TEAM_TABLE, values)
         except psycopg.errors.UniqueViolation as exc:
             raise bad_request(
                 f"team_id: team {team_id!r} already exists; use a different team_id.", "team_id"
@@ -1057,17 +1054,9 @@ async def new_user(store: KeyStore, body: dict[str, Any]) -> Answer:
     key_values, _ = _prepare_key(key_fields, raw) if auto_key is not False else ({}, None)
     f.used.update(k for k in _USER_KEY_FIELDS if k in f.body)
     f.used.add("send_invite_email")  # LLMux sends no e-mail; harmless to accept
-    columns = list(values)
     async with _conn(store) as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         try:
-            await cur.execute(
-                sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
-                    USER_TABLE,
-                    sql.SQL(", ").join(map(sql.Identifier, columns)),
-                    sql.SQL(", ").join(sql.Placeholder() * len(columns)),
-                ),
-                [values[c] for c in columns],
-            )
+            await _insert(cur, USER_TABLE, values)
         except psycopg.errors.UniqueViolation as exc:
             raise bad_request(
                 f"user_id: user {user_id!r} already exists; use a different user_id.", "user_id"
