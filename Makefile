@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python scripts/fix_otel_proto.py  # xds-protos overwrites opentelemetry-proto's files
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -58,6 +58,19 @@ def run(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
+# Modules LLMux imports only when a setting asks for them (llmux.tracing): imported here
+# too, so the pruning keeps what they load and the check proves they load.
+LAZY_IMPORTS = (
+    "opentelemetry.propagate",
+    "opentelemetry.sdk.trace.export",
+    "opentelemetry.sdk.trace.sampling",
+    "opentelemetry.sdk.resources",
+    "opentelemetry.trace.propagation.tracecontext",
+    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+)
+
+
 def prune_xds_protos() -> tuple[int, int]:
     """Delete the xds-protos modules LLMux does not load (it ships the whole Envoy API,
     ~4,000 modules; LLMux imports a few dozen). Returns (kept, deleted)."""
@@ -66,6 +79,8 @@ def prune_xds_protos() -> tuple[int, int]:
     for mod in pkgutil.walk_packages(llmux_extproc.__path__, "llmux_extproc."):
         if not mod.name.endswith("__main__"):  # that one runs the CLI
             importlib.import_module(mod.name)
+    for name in LAZY_IMPORTS:
+        importlib.import_module(name)
     files = (getattr(m, "__file__", None) for m in list(sys.modules.values()))
     loaded = {Path(f).resolve() for f in files if f}
     record = next(SITE.glob("xds_protos-*.dist-info")) / "RECORD"
@@ -151,7 +166,8 @@ def check(root: Path) -> None:
         "import importlib, pkgutil, llmux_extproc; "
         "[importlib.import_module(m.name) for m in "
         "pkgutil.walk_packages(llmux_extproc.__path__, 'llmux_extproc.') "
-        "if not m.name.endswith('__main__')]"
+        "if not m.name.endswith('__main__')]; "
+        f"[importlib.import_module(n) for n in {LAZY_IMPORTS!r}]"
     )
     subprocess.run(
         [str(VENV / "bin/python"), "-I", "-c", code],
