@@ -231,6 +231,25 @@ class MethodNotAllowed(GatewayError):
         self.allow = ", ".join(allowed)
 
 
+async def _row_and_keys(
+    cur: Any, table: sql.Composable, column: str, value: str, what: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A team's or user's row by id (404 naming it when there is none) and its keys."""
+    await cur.execute(
+        sql.SQL("SELECT * FROM {} WHERE {} = %s").format(table, sql.Identifier(column)), (value,)
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise _not_found(f"{what} {value!r}", column)
+    await cur.execute(
+        sql.SQL("SELECT * FROM {} WHERE {} = %s ORDER BY created_at").format(
+            KEY_TABLE, sql.Identifier(column)
+        ),
+        (value,),
+    )
+    return row, [row_json(r) for r in await cur.fetchall()]
+
+
 async def _insert(cur: Any, table: sql.Composable, values: dict[str, Any]) -> None:
     """INSERT ... RETURNING * of one row whose columns are the keys of `values`."""
     columns = list(values)
@@ -760,17 +779,7 @@ async def team_info(store: KeyStore, query: dict[str, str]) -> Answer:
     if not team_id:
         raise bad_request("team_id: required, as ?team_id=.", "team_id")
     async with _conn(store) as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            sql.SQL("SELECT * FROM {} WHERE team_id = %s").format(TEAM_TABLE), (team_id,)
-        )
-        team = await cur.fetchone()
-        if team is None:
-            raise _not_found(f"Team {team_id!r}", "team_id")
-        await cur.execute(
-            sql.SQL("SELECT * FROM {} WHERE team_id = %s ORDER BY created_at").format(KEY_TABLE),
-            (team_id,),
-        )
-        keys = [row_json(r) for r in await cur.fetchall()]
+        team, keys = await _row_and_keys(cur, TEAM_TABLE, "team_id", team_id, "Team")
     return Answer(
         200,
         {"team_id": team_id, "team_info": row_json(team), "keys": keys, "team_memberships": []},
@@ -1098,17 +1107,7 @@ async def user_info(store: KeyStore, query: dict[str, str]) -> Answer:
     if not user_id:
         raise bad_request("user_id: required, as ?user_id=.", "user_id")
     async with _conn(store) as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            sql.SQL("SELECT * FROM {} WHERE user_id = %s").format(USER_TABLE), (user_id,)
-        )
-        user = await cur.fetchone()
-        if user is None:
-            raise _not_found(f"User {user_id!r}", "user_id")
-        await cur.execute(
-            sql.SQL("SELECT * FROM {} WHERE user_id = %s ORDER BY created_at").format(KEY_TABLE),
-            (user_id,),
-        )
-        keys = [row_json(r) for r in await cur.fetchall()]
+        user, keys = await _row_and_keys(cur, USER_TABLE, "user_id", user_id, "User")
         await cur.execute(
             sql.SQL(
                 "SELECT * FROM {} WHERE team_id = ANY(%s) OR %s = ANY(members) ORDER BY team_id"
