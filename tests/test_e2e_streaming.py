@@ -516,18 +516,27 @@ def test_no_stream_state_leaks(gateway: Gateway) -> None:
             for start in range(0, count, 50):
                 await asyncio.gather(*(one(http, i) for i in range(start, start + 50)))
 
-    def settled() -> tuple[float, float, int]:
-        time.sleep(2.5)  # the task gauge is sampled each second
-        metrics = gateway.metrics()
+    def settled(tasks_wanted: float | None = None) -> tuple[float, float, int]:
+        # The task gauge is sampled each second, and work that ends a request may outlive
+        # it briefly (a reservation released a second after Envoy ends a request, an
+        # access-log batch in flight): a leak is tasks that never go away, so wait for the
+        # count to come back, up to a bound.
+        deadline = time.monotonic() + 10
+        while True:
+            time.sleep(2.5)
+            metrics = gateway.metrics()
+            tasks = metric(metrics, "llmux_asyncio_tasks")
+            if tasks_wanted is None or tasks <= tasks_wanted or time.monotonic() > deadline:
+                break
         rss = sum(_rss_kib(pid) for pid in _worker_pids(gateway))
-        return metric(metrics, "llmux_open_streams"), metric(metrics, "llmux_asyncio_tasks"), rss
+        return metric(metrics, "llmux_open_streams"), tasks, rss
 
     asyncio.run(main(100))  # warm up: tokenizer, connection pools, caches
     _, tasks_before, rss_before = settled()
     asyncio.run(main(3000))
-    open_after, tasks_after, rss_after = settled()
+    open_after, tasks_after, rss_after = settled(tasks_before)
     assert open_after == 0
-    assert tasks_after == tasks_before
+    assert tasks_after <= tasks_before
     assert rss_after - rss_before < 20 * 1024, (rss_before, rss_after)
 
 
