@@ -841,8 +841,10 @@ class Gateway:
         dep = ex.dep
         model = dep.model_name
         if final:  # a failed attempt Envoy retries is counted as an upstream error only
-            metrics.REQUESTS.labels(model, dep.provider, str(status)).inc()
-            metrics.LATENCY.labels(dep.provider, model).observe(time.monotonic() - ex.started)
+            metrics.child(metrics.REQUESTS, model, dep.provider, str(status)).inc()
+            metrics.child(metrics.LATENCY, dep.provider, model).observe(
+                time.monotonic() - ex.started
+            )
             self._conventions(ex, status, usage if err is None else None)
         headers = attempt_headers(ex)
         log: dict[str, Any] = {"model": model, "deployment": dep.id, "provider": dep.provider}
@@ -867,7 +869,7 @@ class Gateway:
             log["completion_tokens"] = usage.completion_tokens
             if ex.price is not None:
                 cost = pricing.cost(ex.price, usage)
-                metrics.SPEND.labels(caller.team, model).inc(cost)
+                metrics.child(metrics.SPEND, caller.team, model).inc(cost)
                 headers["x-llmux-response-cost"] = headers["x-litellm-response-cost"] = repr(cost)
                 log["cost"] = cost
         self._log_spend(ex, status, usage, cost, None)
@@ -1057,14 +1059,14 @@ def _streamed_text(output: list[bytes]) -> str:
 
 def _count_tokens(team: str, model: str, usage: Usage) -> None:
     counter = metrics.TOKENS
-    counter.labels(team, model, "input").inc(usage.prompt_tokens)
-    counter.labels(team, model, "output").inc(usage.completion_tokens)
+    metrics.child(counter, team, model, "input").inc(usage.prompt_tokens)
+    metrics.child(counter, team, model, "output").inc(usage.completion_tokens)
     if usage.cached_tokens:
-        counter.labels(team, model, "cached_input").inc(usage.cached_tokens)
+        metrics.child(counter, team, model, "cached_input").inc(usage.cached_tokens)
     if usage.cache_write_tokens:
-        counter.labels(team, model, "cache_write").inc(usage.cache_write_tokens)
+        metrics.child(counter, team, model, "cache_write").inc(usage.cache_write_tokens)
     if usage.reasoning_tokens:
-        counter.labels(team, model, "reasoning").inc(usage.reasoning_tokens)
+        metrics.child(counter, team, model, "reasoning").inc(usage.reasoning_tokens)
 
 
 def caller_marks(principal: Principal) -> Encoded:

@@ -320,6 +320,19 @@ def deployment_labels(dep: Deployment) -> tuple[str, str, str, str]:
 _children: dict[tuple[str, ...], dict[str | int, Any]] = {}
 
 
+_labelled: dict[tuple[object, ...], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once: the per-answer counters of gateway.py
+    (same reason and bound as `_children`)."""
+    key = (id(metric), *labels)  # module-level metrics: their ids never change
+    found = _labelled.get(key)
+    if found is None:
+        found = _labelled[key] = metric.labels(*labels)
+    return found
+
+
 def _request_children(
     dep: Deployment, operation: str, caller: tuple[str, str, str], litellm: bool
 ) -> dict[str | int, Any]:
