@@ -17,6 +17,8 @@ from bench.report import (
     failover_table,
     failover_targets,
     hold_table,
+    keys_table,
+    keys_targets,
     latency_table,
     md_table,
     memory_table,
@@ -66,6 +68,17 @@ METHOD = """
   error rate is from the generator; the attempts that reached the failing deployment are
   the failing listener's request count (the mock's admin stats) around each measurement,
   per request answered (warm-up included, like CPU). `--no-failover` skips it.
+* **Virtual keys and limits**: LLMux (`workers` as the first LLMux target) with
+  `general_settings.database_url` on the machine's PostgreSQL (a fresh `llmux_bench`
+  database, migrated at start) and the client holding a key from `/key/generate` with
+  `rpm_limit`, `tpm_limit`, `max_parallel_requests` and `max_budget`, none of them reached:
+  every request is authenticated from the worker's key cache, admitted (each bucket and
+  the budget reserved) and settled, and its spend row queued for the batch writer. Two
+  variants: the limits' state local to the replica (the workers' shared SQLite file), and
+  in Redis (`router_settings.redis_url`, the machine's Redis: one round trip per
+  admission). Non-streamed and streamed OpenAI requests, closed loop at the same
+  connection counts, open loop at 200 req/s (`keys_rates`); the reference is the same
+  LLMux's master-key figures in the same repetition. `--no-keys` skips them.
 * **No coordinated omission**: the open-loop generator draws every send time from the
   Poisson process independently of the answers and measures each latency from the
   *scheduled* time, so a stalled target or a late generator adds to the latency instead of
@@ -115,6 +128,12 @@ def figures(data: dict[str, Any]) -> str:
         "retrying the same way. " + failover_summary(res) + "\n\n" + failover_table(res)
         if failover_targets(res)
         else "",
+        "### Virtual keys and limits\n\n"
+        "LLMux with a key database and a client key with rpm, tpm, max-parallel and budget "
+        "limits (none reached), limits local or in Redis, next to the same LLMux with the "
+        "master key in the same repetition.\n\n" + keys_table(res)
+        if keys_targets(res)
+        else "",
         "### CPU per request (utime+stime deltas from /proc)\n\n" + cpu_table(res),
         "### Peak RSS per process\n\n" + memory_table(res),
         "### Cold start\n\n" + cold_start_table(res),
@@ -144,6 +163,7 @@ def settings_line(settings: dict[str, Any]) -> str:
         "rates",
         "failover",
         "failover_rates",
+        "keys",
         "streams",
         "hold_s",
         "workers",

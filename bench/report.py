@@ -189,7 +189,11 @@ def throughput_table(res: Results) -> str:
 
 def latency_table(res: Results, metric: str = "latency_ms") -> str:
     rates = sorted({k[3] for k in res.index if k[2] == "open"})
-    gateways = [t for t in res.gateways() if any(res.has(t, k, "open") for k in KINDS)]
+    gateways = [
+        t
+        for t in res.gateways()
+        if t not in res.baselines and any(res.has(t, k, "open") for k in KINDS)
+    ]
     header = ["scenario", "offered req/s", "bare Envoy p50 / p99 (ms)"]
     for t in gateways:
         header += [f"{res.label(t)} p50 / p99 (ms)", f"{res.label(t)} added p50 / p99 (ms)"]
@@ -565,3 +569,81 @@ def failover_summary(res: Results) -> str:
             "few failures, and most of the cost goes with it."
         )
     return text
+
+
+def keys_targets(res: Results) -> list[str]:
+    return [t for t, _ in res.targets if t.startswith("keys-")]
+
+
+def keys_table(res: Results) -> str:
+    """The virtual-key scenarios next to the same LLMux with the master key (their
+    baseline): throughput, latency and the worker's CPU per request, and what each adds."""
+    targets = keys_targets(res)
+    if not targets:
+        return "_not run_"
+    reference = res.baselines[targets[0]][0]
+    rows_of = [
+        (reference, f"{res.label(reference)} (master key)"),
+        *((t, res.label(t)) for t in targets),
+    ]
+    kinds = [k for k in KINDS if any(res.has(t, k, "closed") for t in targets)]
+    conns = sorted({k[3] for k in res.index if k[0] in targets and k[2] == "closed"})
+    rates = sorted({k[3] for k in res.index if k[0] in targets and k[2] == "open"})
+    worker = cpu_getter("extproc")
+    closed = []
+    for kind in kinds:
+        for c in conns:
+            for t, label in rows_of:
+                mine = res.values(t, kind, "closed", c, rps)
+                ref = res.values(reference, kind, "closed", c, rps)
+                change = [
+                    (v / r - 1) * 100 if v is not None and (r := ref.get(rep)) else None
+                    for rep, v in mine.items()
+                ]
+                closed.append(
+                    [
+                        label,
+                        KIND_LABELS[kind],
+                        f"{c:g}",
+                        fmt(mine.values()),
+                        "—" if t == reference else fmt(change, 1, "%"),
+                    ]
+                )
+    opened = []
+    p50, p99 = lat_getter("latency_ms", "p50"), lat_getter("latency_ms", "p99")
+    for kind in kinds:
+        for rate in rates:
+            for t, label in rows_of:
+                floor = (reference, kind)
+                own = t == reference
+                opened.append(
+                    [
+                        label,
+                        KIND_LABELS[kind],
+                        f"{rate:g}",
+                        f"{fmt(res.values(t, kind, 'open', rate, p50).values(), 2)} / "
+                        f"{fmt(res.values(t, kind, 'open', rate, p99).values(), 2)}",
+                        "—"
+                        if own
+                        else f"{fmt(res.added(t, kind, 'open', rate, p50, floor), 2)} / "
+                        f"{fmt(res.added(t, kind, 'open', rate, p99, floor), 2)}",
+                        fmt(res.values(t, kind, "open", rate, worker).values(), 0),
+                        "—" if own else fmt(res.added(t, kind, "open", rate, worker, floor), 0),
+                    ]
+                )
+    return (
+        md_table(["target", "scenario", "connections", "req/s", "change"], closed)
+        + "\n\n"
+        + md_table(
+            [
+                "target",
+                "scenario",
+                "offered req/s",
+                "p50 / p99 (ms)",
+                "added over the master key p50 / p99 (ms)",
+                "ext_proc CPU per request (µs)",
+                "added (µs)",
+            ],
+            opened,
+        )
+    )

@@ -24,6 +24,7 @@ from bench.targets import (
     LiteLLM,
     LLMux,
     LLMuxFailover,
+    LLMuxKeys,
     Target,
     Upstreams,
     ensure_litellm,
@@ -52,6 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-failover",
         action="store_true",
         help="skip the failover scenario (a group of two deployments, one failing)",
+    )
+    p.add_argument(
+        "--no-keys",
+        action="store_true",
+        help="skip the virtual-key scenarios (they need PostgreSQL, and Redis)",
     )
     p.add_argument("--streams", type=int, help="held open streams (default 10000; 0: skip)")
     p.add_argument("--hold", type=float, help="seconds to hold the streams (default 15)")
@@ -85,6 +91,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             connections=(4,),
             rates=(50.0,),
             failover_rates=(50.0,),
+            keys_rates=(50.0,),
             streams=20,
             hold_s=1.0,
             first_byte_timeout=5.0,
@@ -113,6 +120,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             setattr(s, key, value)
     s.compare_litellm = bool(args.compare_litellm)
     s.failover = not args.no_failover
+    s.keys = not args.no_keys
     if not args.no_wrk:
         # The smoke run installs nothing: wrk if present, else the Python generator.
         s.wrk = ensure_wrk(install=not s.smoke)
@@ -139,6 +147,10 @@ def plans_for(settings: Settings, upstreams: Upstreams, workdir: Path) -> list[T
                         upstreams, workdir, workers, health, settings.access_log
                     )
                     plans.append(TargetPlan(failover, open_loop=True, hold=False))
+            if settings.keys:
+                for redis in (False, True):
+                    keys = LLMuxKeys(upstreams, workdir, workers, redis, settings.access_log)
+                    plans.append(TargetPlan(keys, True, False, settings.keys_rates))
             plans.append(bare)
     if settings.compare_litellm:
         plans.append(TargetPlan(LiteLLM(upstreams, workdir, settings.litellm_workers), True, True))

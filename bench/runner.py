@@ -48,6 +48,8 @@ class Settings:
     rates: tuple[float, ...] = (200.0, 500.0, 1000.0)
     failover: bool = True  # run the failover scenario (needs LLMux)
     failover_rates: tuple[float, ...] = (200.0,)
+    keys: bool = True  # run the virtual-key scenarios (needs PostgreSQL and Redis)
+    keys_rates: tuple[float, ...] = (200.0,)
     streams: int = 10_000
     hold_s: float = 15.0
     hold_repetitions: int = 1
@@ -74,6 +76,7 @@ class TargetPlan:
     target: Target
     open_loop: bool  # run the fixed-rate latency scenarios
     hold: bool  # run the held-streams test
+    rates: tuple[float, ...] | None = None  # its open-loop rates, when not the settings'
 
 
 @dataclass
@@ -346,7 +349,7 @@ def run_target(
                 log(f"{target.label} {kind} closed c={conns}: {_brief(m)}")
                 measurements.append(m)
             if plan.open_loop:
-                for rate in settings.rates_for(kind):
+                for rate in plan.rates or settings.rates_for(kind):
                     m = measure(target, kind, settings, rate=rate)
                     log(f"{target.label} {kind} open {rate:g}/s: {_brief(m)}")
                     measurements.append(m)

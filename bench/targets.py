@@ -428,6 +428,107 @@ class LLMuxFailover(LLMux):
         return config
 
 
+# The machine's PostgreSQL and Redis (docs/benchmarks.md): the virtual-key scenarios.
+BENCH_PG = os.environ.get("LLMUX_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+BENCH_REDIS = os.environ.get("LLMUX_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+BENCH_DATABASE = "llmux_bench"
+# Limits no run reaches: every request pays the whole admission (each bucket and the
+# budget reserved, then settled) and none is refused.
+KEY_LIMITS = {
+    "rpm_limit": 10**9,
+    "tpm_limit": 10**12,
+    "max_parallel_requests": 10**6,
+    "max_budget": 10.0**9,
+}
+
+
+def fresh_bench_database() -> str:
+    """An empty `llmux_bench` database on BENCH_PG (dropped first: each start migrates
+    and issues its key afresh); its URL."""
+    import psycopg
+
+    try:
+        with psycopg.connect(f"{BENCH_PG}/postgres", autocommit=True, connect_timeout=3) as pg:
+            pg.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}" WITH (FORCE)')
+            pg.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
+    except psycopg.OperationalError as exc:
+        raise RuntimeError(
+            f"PostgreSQL is not reachable at {BENCH_PG} ({exc}); the virtual-key scenarios "
+            "need it (set LLMUX_BENCH_PG, or skip them with --no-keys)"
+        ) from exc
+    return f"{BENCH_PG}/{BENCH_DATABASE}"
+
+
+def _check_redis() -> None:
+    """Redis down, LLMux would fail open to local buckets (its documented policy) and the
+    scenario would measure the wrong thing: refuse to start instead."""
+    import redis
+
+    try:
+        redis.Redis.from_url(BENCH_REDIS, socket_connect_timeout=3).ping()
+    except redis.RedisError as exc:
+        raise RuntimeError(
+            f"Redis is not reachable at {BENCH_REDIS} ({exc}); the Redis scenario needs it "
+            "(set LLMUX_BENCH_REDIS, or skip the virtual-key scenarios with --no-keys)"
+        ) from exc
+
+
+class LLMuxKeys(LLMux):
+    """LLMux with a database of virtual keys, the client holding a key with an rpm, tpm,
+    max-parallel and dollar budget limit (none reached): authentication from the worker's
+    key cache, admission and settlement on every request, spend logs written in batches;
+    the limits' state per replica (`redis=False`, the workers' shared SQLite file) or in
+    Redis (one round trip per admission)."""
+
+    kinds = ("openai", "openai_stream")
+
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        workdir: Path,
+        workers: int,
+        redis: bool,
+        access_log: str = "off",
+    ) -> None:
+        super().__init__(upstreams, workdir, workers, access_log)
+        self.redis = redis
+        where = "redis" if redis else "local"
+        self.name = f"keys-w{workers}-{where}"
+        self.label = f"LLMux virtual key, limits {'in Redis' if redis else 'local'}"
+        self.baseline = (f"llmux-w{workers}", "openai")
+        self.key: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key or MASTER_KEY}"}
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()
+        config["general_settings"]["database_url"] = fresh_bench_database()
+        if self.redis:
+            _check_redis()
+            config["router_settings"] = {"redis_url": BENCH_REDIS}
+        return config
+
+    def start(self, timeout: float = 60) -> float:
+        self.key = None  # the master key until this start's database has issued one
+        cold = super().start(timeout)
+        status, body = post(
+            self.port,
+            "/key/generate",
+            orjson.dumps({**KEY_LIMITS, "key_alias": f"bench-{self.name}"}),
+            timeout=10,
+            headers={"Authorization": f"Bearer {MASTER_KEY}"},
+        )
+        if status != 200:
+            raise RuntimeError(f"{self.label}: /key/generate answered {status}: {body[:300]!r}")
+        self.key = str(orjson.loads(body)["key"])
+        path, request = self.request(self.kinds[0])
+        assert self.proc is not None
+        wait_until_200(self.proc, self.port, path, request, 10, self.label, self.headers)
+        return cold
+
+
 LITELLM_VENV = ROOT / "bench" / ".litellm-venv"
 
 

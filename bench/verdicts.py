@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from bench.mock_upstream import STREAM_CHUNKS
-from bench.report import Results, lat_getter, md_table, rps, spread
+from bench.report import Results, cpu_getter, lat_getter, md_table, rps, spread
 from bench.targets import KINDS
 
 
@@ -83,6 +83,24 @@ def target_rows(res: Results) -> list[list[str]]:
             f"- translated non-streaming CPU per request) / {STREAM_CHUNKS} events"
             if per_chunk is not None
             else "streaming translation not available",
+        )
+    local = [t for t, _ in res.targets if t.startswith("keys-") and t.endswith("-local")]
+    if local and local[0] in res.baselines:
+        t = local[0]
+        rates = [k[3] for k in res.index if k[:3] == (t, "openai", "open")]
+        first: float | None = min(rates) if rates else None
+        added = (
+            _median(res.added(t, "openai", "open", first, cpu_getter("extproc"), res.baselines[t]))
+            if first
+            else None
+        )
+        check(
+            "auth, limits and budget add ≤100 µs worker CPU per request (no Redis)",
+            added,
+            100,
+            "µs",
+            note=f"{res.label(t)} minus the master key's ext_proc CPU per request at "
+            f"{first or 0:g} req/s, same repetition (issue 11)",
         )
     for t in llmux:
         totals = []

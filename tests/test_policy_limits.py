@@ -154,6 +154,32 @@ async def test_max_parallel_counts_in_flight_requests(limiter: Limiters) -> None
     assert (await limiter.admit(ask(PAR))).admitted
 
 
+async def test_a_reservation_nothing_settles_gives_its_place_back_when_it_expires(
+    limiter: Limiters,
+) -> None:
+    short, settled = ask(PAR, ttl=10.0), ask(PAR, ttl=10.0)
+    assert (await limiter.admit(short)).admitted
+    assert (await limiter.admit(settled)).admitted
+    await limiter.settle(settled.id, 0, 0.0)
+    assert (await limiter.admit(ask(PAR, ttl=600.0))).admitted  # the settled one's place
+    assert (await limiter.admit(ask(PAR))).refused == PAR
+    limiter.clock.now += 10.0  # `short` expires (the settled one is not released twice)
+    assert (await limiter.admit(ask(PAR))).admitted
+    assert (await limiter.admit(ask(PAR))).refused == PAR
+
+
+def test_settled_reservations_do_not_pile_up_in_memory() -> None:
+    clock = Clock()
+    state = MemoryState()
+    limiter = LocalLimiter(state, clock)
+    for _ in range(5000):
+        one = ask(PAR)
+        assert limiter.admit_now(one).admitted
+        assert limiter.settle_now(one.id, 0, 0.0).found
+    assert not state.reservations
+    assert len(state._expiries) <= 64 + 1
+
+
 async def test_all_buckets_or_none(limiter: Limiters) -> None:
     assert (await limiter.admit(ask(RPM, TEAM_RPM, PAR))).admitted
     refused = await limiter.admit(ask(RPM, TEAM_RPM, PAR))

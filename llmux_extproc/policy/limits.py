@@ -25,6 +25,7 @@ at most what is in flight at the last admission.
 from __future__ import annotations
 
 import fcntl
+import heapq
 import math
 import os
 import sqlite3
@@ -258,6 +259,9 @@ class MemoryState:
         self.counts: dict[str, int] = {}
         self.budgets: dict[str, tuple[float, float, float]] = {}
         self.reservations: dict[str, tuple[float, dict[str, object]]] = {}
+        # (expiry, id), oldest first: every admission looks for expired reservations, and
+        # scanning them all made admission O(requests in flight).
+        self._expiries: list[tuple[float, str]] = []
 
     def bucket(self, key: str) -> tuple[float, float] | None:
         return self.buckets.get(key)
@@ -279,14 +283,27 @@ class MemoryState:
 
     def put_reservation(self, rid: str, expires: float, record: dict[str, object]) -> None:
         self.reservations[rid] = (expires, record)
+        heapq.heappush(self._expiries, (expires, rid))
+        if len(self._expiries) > 2 * len(self.reservations) + 64:
+            # Settled reservations leave their entries behind: drop them now and then, so
+            # the heap stays within twice what is in flight.
+            self._expiries = [(exp, r) for r, (exp, _) in self.reservations.items()]
+            heapq.heapify(self._expiries)
 
     def take_reservation(self, rid: str) -> dict[str, object] | None:
         found = self.reservations.pop(rid, None)
         return None if found is None else found[1]
 
     def take_expired(self, now: float) -> list[dict[str, object]]:
-        gone = [rid for rid, (exp, _) in self.reservations.items() if exp <= now]
-        return [self.reservations.pop(rid)[1] for rid in gone]
+        gone: list[dict[str, object]] = []
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            expires, rid = heapq.heappop(expiries)
+            found = self.reservations.get(rid)
+            if found is not None and found[0] == expires:  # not settled, not re-reserved
+                del self.reservations[rid]
+                gone.append(found[1])
+        return gone
 
 
 _SCHEMA = """
