@@ -260,6 +260,7 @@ class Target:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.processes: list[Proc] = []
+        self.cwd = ROOT  # another checkout's, for bench.ab
 
     # -- what to send --------------------------------------------------------------
 
@@ -296,7 +297,7 @@ class Target:
         log = (self.workdir / f"{self.name}.log").open("ab")
         started = time.perf_counter()
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=ROOT
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=self.cwd
         )
         path, body = self.request(self.kinds[0])
         wait_until_200(self.proc, self.port, path, body, timeout, self.label, self.headers)

@@ -29,6 +29,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from llmux_extproc.errors import GatewayError
+from llmux_extproc.observability import metrics
 from llmux_extproc.policy.keys import (
     KeyCache,
     Limits,
@@ -207,6 +208,7 @@ class KeyStore:
         # Not waiting: a database that is down at start must not keep the worker from
         # serving the master key (the pool keeps connecting in the background).
         await self.pool.open(wait=False)
+        metrics.KEY_CACHE.set(0)  # this worker's series exists from the start
         self._tasks = [
             asyncio.create_task(self._listen(), name="llmux-keys-listen"),
             asyncio.create_task(self._refresh_loop(), name="llmux-keys-refresh"),
@@ -252,6 +254,7 @@ class KeyStore:
         self._up()
         if self._changes == before:
             self.cache.put(token, principal)
+            metrics.KEY_CACHE.set(len(self.cache))
         future.set_result(principal)
         return principal
 
@@ -290,6 +293,7 @@ class KeyStore:
             self.cache.drop_where(lambda p: p.budget_id == ident)
         else:  # a payload of a later version: be safe
             self.cache.clear()
+        metrics.KEY_CACHE.set(len(self.cache))
 
     async def refresh(self) -> bool:
         """Re-read every cached key in one query; False when the database could not say
@@ -310,6 +314,7 @@ class KeyStore:
             self.cache.refreshed(tokens, found)
         else:  # a notification came meanwhile: only drop what is gone
             self.cache.refreshed((t for t in tokens if t not in found), {})
+        metrics.KEY_CACHE.set(len(self.cache))
         return True
 
     async def _refresh_loop(self) -> None:

@@ -71,6 +71,11 @@ ASYNCIO_TASKS = Gauge(
     "asyncio tasks alive in the ext_proc workers (sampled each second)",
     multiprocess_mode="livesum",
 )
+KEY_CACHE = Gauge(
+    "llmux_key_cache_keys",
+    "Virtual keys in each ext_proc worker's cache (one series per worker pid)",
+    multiprocess_mode="liveall",
+)
 SPEND_LOG_DROPPED = Counter(
     "llmux_spend_log_dropped",
     "Spend log rows dropped: the worker's queue was full (PostgreSQL down or too slow)",
