@@ -406,10 +406,17 @@ def test_schema_is_migrated_at_start(gateway: Gateway) -> None:
 
 
 def _cached_keys_per_worker(gateway: Gateway) -> dict[str, int]:
-    """llmux_key_cache_keys of each live worker: pid -> keys."""
+    """llmux_key_cache_keys of each live worker: pid -> keys (the supervisor, which reads
+    keys too, has a series of its own)."""
+    workers = {
+        line.split("ext_proc worker ", 1)[1].split()[0]
+        for line in gateway.log().splitlines()
+        if "ext_proc worker" in line and "serving" in line
+    }
     out = {}
     for line in gateway.metrics().splitlines():
         if line.startswith("llmux_key_cache_keys{"):
             pid = line.split('pid="', 1)[1].split('"', 1)[0]
-            out[pid] = int(float(line.rsplit(" ", 1)[1]))
+            if pid in workers:
+                out[pid] = int(float(line.rsplit(" ", 1)[1]))
     return out

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -425,3 +426,15 @@ def test_each_alert_fires_on_what_it_is_about_and_not_on_the_rest(tmp_path: Path
         [promtool, "test", "rules", str(test_file)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_supervisor_imports_no_metric_before_it_sets_the_multiprocess_dir() -> None:
+    """prometheus_client fixes each metric's storage when it is created: one created in the
+    supervisor before PROMETHEUS_MULTIPROC_DIR is set never reaches /metrics (seen: every
+    supervisor-side series gone once a module it imports imported metrics at the top)."""
+    code = (
+        "import sys, llmux_extproc.control.supervisor, llmux_extproc.cli; "
+        "print('llmux_extproc.observability.metrics' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -29,7 +29,6 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from llmux_extproc.errors import GatewayError
-from llmux_extproc.observability import metrics
 from llmux_extproc.policy.keys import (
     KeyCache,
     Limits,
@@ -180,6 +179,14 @@ def _failure(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _cached(keys: int) -> None:
+    # Imported here: the supervisor imports this module before it sets
+    # PROMETHEUS_MULTIPROC_DIR, and metrics created before that are lost to /metrics.
+    from llmux_extproc.observability import metrics
+
+    metrics.KEY_CACHE.set(keys)
+
+
 class KeyStore:
     def __init__(self, dsn: str, refresh_s: float, *, pool_max: int = POOL_MAX) -> None:
         self.dsn = dsn
@@ -208,7 +215,7 @@ class KeyStore:
         # Not waiting: a database that is down at start must not keep the worker from
         # serving the master key (the pool keeps connecting in the background).
         await self.pool.open(wait=False)
-        metrics.KEY_CACHE.set(0)  # this worker's series exists from the start
+        _cached(0)  # this worker's series exists from the start
         self._tasks = [
             asyncio.create_task(self._listen(), name="llmux-keys-listen"),
             asyncio.create_task(self._refresh_loop(), name="llmux-keys-refresh"),
@@ -254,7 +261,7 @@ class KeyStore:
         self._up()
         if self._changes == before:
             self.cache.put(token, principal)
-            metrics.KEY_CACHE.set(len(self.cache))
+            _cached(len(self.cache))
         future.set_result(principal)
         return principal
 
@@ -293,7 +300,7 @@ class KeyStore:
             self.cache.drop_where(lambda p: p.budget_id == ident)
         else:  # a payload of a later version: be safe
             self.cache.clear()
-        metrics.KEY_CACHE.set(len(self.cache))
+        _cached(len(self.cache))
 
     async def refresh(self) -> bool:
         """Re-read every cached key in one query; False when the database could not say
@@ -314,7 +321,7 @@ class KeyStore:
             self.cache.refreshed(tokens, found)
         else:  # a notification came meanwhile: only drop what is gone
             self.cache.refreshed((t for t in tokens if t not in found), {})
-        metrics.KEY_CACHE.set(len(self.cache))
+        _cached(len(self.cache))
         return True
 
     async def _refresh_loop(self) -> None:
