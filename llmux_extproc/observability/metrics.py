@@ -73,7 +73,7 @@ ASYNCIO_TASKS = Gauge(
 )
 KEY_CACHE = Gauge(
     "llmux_key_cache_keys",
-    "Virtual keys in each ext_proc worker's cache (one series per worker pid)",
+    "Virtual keys in each worker's cache (a series per process; the supervisor's stays 0)",
     multiprocess_mode="liveall",
 )
 SPEND_LOG_DROPPED = Counter(
