@@ -74,8 +74,8 @@ METHOD = """
   `rpm_limit`, `tpm_limit`, `max_parallel_requests` and `max_budget`, none of them reached:
   every request is authenticated from the worker's key cache, admitted (each bucket and
   the budget reserved) and settled, and its spend row queued for the batch writer. Two
-  variants: the limits' state local to the replica (the workers' shared SQLite file), and
-  in Redis (`router_settings.redis_url`, the machine's Redis: one round trip per
+  variants: the limits' state local to the replica (with `workers: 1`, the worker's own
+  dicts), and in Redis (`router_settings.redis_url`, the machine's Redis: one round trip per
   admission). Non-streamed and streamed OpenAI requests, closed loop at the same
   connection counts, open loop at 200 req/s (`keys_rates`); the reference is the same
   LLMux's master-key figures in the same repetition. `--no-keys` skips them.

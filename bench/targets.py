@@ -478,8 +478,8 @@ class LLMuxKeys(LLMux):
     """LLMux with a database of virtual keys, the client holding a key with an rpm, tpm,
     max-parallel and dollar budget limit (none reached): authentication from the worker's
     key cache, admission and settlement on every request, spend logs written in batches;
-    the limits' state per replica (`redis=False`, the workers' shared SQLite file) or in
-    Redis (one round trip per admission)."""
+    the limits' state per replica (`redis=False`: with one worker, its dicts) or in Redis
+    (one round trip per admission)."""
 
     kinds = ("openai", "openai_stream")
 
